@@ -1,0 +1,234 @@
+"""DashScope's native chat protocol as pure functions: routes, request bodies, replies, errors.
+
+Nothing here does I/O, so every rule can be tested against recorded bodies
+(``tests/test_protocol.py``). Facts come from the official SDK and captured traffic; see
+``shared/dashscope-protocol.md``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Route = Literal["text", "multimodal"]
+
+ROUTE_PATHS: dict[str, str] = {
+    "text": "/services/aigc/text-generation/generation",
+    "multimodal": "/services/aigc/multimodal-generation/generation",
+}
+
+REGION_BASE_URLS: dict[str, str] = {
+    "intl": "https://dashscope-intl.aliyuncs.com/api/v1",
+    "us": "https://dashscope-us.aliyuncs.com/api/v1",
+    "cn": "https://dashscope.aliyuncs.com/api/v1",
+    "hk": "https://cn-hongkong.dashscope.aliyuncs.com/api/v1",
+}
+# Region names as Alibaba Cloud writes them, accepted so DASHSCOPE_API_REGION set for the SDK works.
+REGION_ALIASES: dict[str, str] = {
+    "ap-southeast-1": "intl", "singapore": "intl", "us-east-1": "us", "virginia": "us",
+    "cn-beijing": "cn", "beijing": "cn", "cn-hongkong": "hk", "hongkong": "hk",
+}
+
+# qwen3.5 / 3.6 / 3.7 answer "url error" on the text route even for text-only input;
+# VL, QVQ and omni models are multimodal by nature.
+_MULTIMODAL_MODEL = re.compile(r"^qwen3\.[5-9]|(^|[-_.])vl([-_.]|$)|^qvq|omni")
+
+
+def route_for_model(model: str) -> Route:
+    """The route DashScope serves ``model`` on."""
+    return "multimodal" if _MULTIMODAL_MODEL.search(model.lower()) else "text"
+
+
+def build_body(model: str, messages: list[dict[str, Any]], parameters: Mapping[str, Any],
+               route: Route) -> dict[str, Any]:
+    """The request body: exactly ``model``, ``input`` and ``parameters``.
+
+    On the multimodal route every message's content must be a list of parts, the system
+    message's too, so plain strings are wrapped as ``[{"text": ...}]``.
+    """
+    if route == "multimodal":
+        messages = [
+            {**m, "content": [{"text": m["content"]}]} if isinstance(m.get("content"), str) else m
+            for m in messages
+        ]
+    return {"model": model, "input": {"messages": messages},
+            "parameters": {"result_format": "message", **parameters}}
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What a successful call produced, already flattened to output columns."""
+
+    content: str | None
+    reasoning: str | None
+    finish_reason: str | None
+    request_id: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    total_tokens: int | None
+    cached_tokens: int | None
+    reasoning_tokens: int | None
+
+
+class Disposition(enum.Enum):
+    RETRY = "retry"          # transient: back off and send again
+    ROW_ERROR = "row_error"  # this row cannot succeed as sent; record it and go on
+    FATAL = "fatal"          # no row can succeed: stop the whole run
+
+
+@dataclass(frozen=True, slots=True)
+class APIError:
+    """A failed attempt as the server (or the wire) described it."""
+
+    http_status: int | None
+    code: str
+    message: str
+    request_id: str | None
+    disposition: Disposition
+    retry_after: float | None = None
+
+
+def _text_of(content: Any) -> str | None:
+    """Message content as a string: the text route gives a string, the multimodal a parts list."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        return "".join(texts) if texts else None
+    return str(content)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def parse_reply(body: Mapping[str, Any], request_id: str | None = None) -> Reply:
+    """Flatten a 200 body. Every usage sub-object may be missing, so each is read defensively."""
+    output = body.get("output") or {}
+    choices = output.get("choices") or []
+    choice = choices[0] if choices and isinstance(choices[0], dict) else {}
+    message = choice.get("message") or {}
+    content = _text_of(message.get("content"))
+    if content is None and isinstance(output.get("text"), str):  # result_format "text" replies
+        content = output["text"]
+    finish = choice.get("finish_reason", output.get("finish_reason"))
+    if finish == "null":  # streamed chunks carry the string "null" until the last one
+        finish = None
+    usage = body.get("usage") or {}
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    output_details = usage.get("output_tokens_details") or {}
+    input_tokens = _int_or_none(usage.get("input_tokens"))
+    output_tokens = _int_or_none(usage.get("output_tokens"))
+    total = _int_or_none(usage.get("total_tokens"))
+    if total is None and input_tokens is not None and output_tokens is not None:
+        total = input_tokens + output_tokens
+    return Reply(
+        content=content,
+        reasoning=_text_of(message.get("reasoning_content")) or None,
+        finish_reason=finish if isinstance(finish, str) else None,
+        request_id=body.get("request_id") or request_id,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        total_tokens=total,
+        cached_tokens=_int_or_none(prompt_details.get("cached_tokens")),
+        reasoning_tokens=_int_or_none(output_details.get("reasoning_tokens")),
+    )
+
+
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+# Codes after which no other row of the run can succeed either.
+_FATAL_CODES = frozenset({
+    "InvalidApiKey", "Arrearage", "AllocationQuota.FreeTierOnly", "Model.NotExist",
+    "ModelNotFound", "BadRequest.EmptyModel", "InvalidURL",
+})
+# HTTP 200 bodies carrying one of these codes are transient server trouble, not a verdict.
+_RETRYABLE_CODE_PREFIXES = ("Throttling", "InternalError", "ServiceUnavailable", "GatewayTimeout",
+                            "RequestTimeOut", "SystemError")
+
+
+def classify(http_status: int | None, code: str, message: str) -> Disposition:
+    """What to do after an error: a pure function of what the server said."""
+    lowered = message.lower()
+    if (code in _FATAL_CODES or code.startswith("AccessDenied")
+            or "free allocated quota exceeded" in lowered
+            or "model not exist" in lowered or "url error" in lowered):
+        return Disposition.FATAL
+    if http_status in (401, 403, 404):
+        return Disposition.FATAL
+    if http_status in RETRYABLE_STATUSES:
+        return Disposition.RETRY
+    if http_status == 200 or http_status is None:
+        return (Disposition.RETRY if code.startswith(_RETRYABLE_CODE_PREFIXES)
+                else Disposition.ROW_ERROR)
+    return Disposition.ROW_ERROR  # 400 InvalidParameter, DataInspectionFailed, 413, ...
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:  # an HTTP date; DashScope sends none at all, so don't bother parsing it
+        return None
+
+
+def interpret(http_status: int, headers: Mapping[str, str], raw: bytes) -> Reply | APIError:
+    """Turn one HTTP response into a reply or a classified error.
+
+    A 200 with a non-empty ``code`` is an error (the gateway does that), and a body that is
+    not JSON is a transient fault (a truncated or proxied answer), retried like a 5xx.
+    """
+    header_id = headers.get("x-request-id")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        code = "batchgen.BadResponse"
+        detail = raw[:120].decode("utf-8", "replace").strip() or "empty body"
+        message = f"HTTP {http_status} with a body that is not a JSON object: {detail}"
+        disposition = (Disposition.RETRY if http_status in RETRYABLE_STATUSES or http_status < 400
+                       else classify(http_status, code, message))
+        return APIError(http_status, code, message, header_id, disposition, _retry_after(headers))
+    request_id = body.get("request_id") or header_id
+    code = body.get("code")
+    if http_status == 200 and not code:
+        return parse_reply(body, header_id)
+    code = str(code) if code else f"HTTP{http_status}"
+    message = str(body.get("message") or "")
+    return APIError(http_status, code, message, request_id, classify(http_status, code, message),
+                    _retry_after(headers))
+
+
+# One line per fatal cause: what happened and what the user can do about it.
+_FATAL_HINTS: tuple[tuple[str, str], ...] = (
+    ("InvalidApiKey", "DashScope rejected the API key: check DASHSCOPE_API_KEY, and that the key "
+                      "belongs to the region of the base URL (--region / --base-url)"),
+    ("Arrearage", "the Alibaba Cloud account is overdue: top up the account, then re-run"),
+    ("AllocationQuota.FreeTierOnly", "the model's free tier is used up and the account is in "
+                                     "free-tier-only mode: turn that off in the Model Studio console"),
+    ("free allocated quota exceeded", "the free quota of this model is used up: enable paid usage "
+                                      "in the Model Studio console or pick another model"),
+    ("AccessDenied", "the account or workspace may not use this model: check the model name and "
+                     "--workspace / DASHSCOPE_WORKSPACE_ID, or buy access in the console"),
+    ("url error", "the model is not served on this route: qwen3.5+/VL/omni models need "
+                  "--endpoint multimodal, text models --endpoint text"),
+    ("model not exist", "no such model in this region: check -m/--model and --region"),
+    ("Model.NotExist", "no such model in this region: check -m/--model and --region"),
+    ("ModelNotFound", "no such model in this region: check -m/--model and --region"),
+    ("NotFound", "the endpoint was not found: check --base-url / DASHSCOPE_HTTP_BASE_URL"),
+)
+
+
+def fatal_hint(error: APIError) -> str:
+    """The one-line explanation printed when a run stops on ``error``."""
+    haystack = f"{error.code} {error.message}".lower()
+    hint = next((hint for needle, hint in _FATAL_HINTS if needle.lower() in haystack),
+                "the service refused the request for every row")
+    status = f"HTTP {error.http_status} " if error.http_status else ""
+    said = f" ({error.message.strip()})" if error.message.strip() else ""
+    return f"{status}{error.code}{said}: {hint}"
