@@ -1,0 +1,151 @@
+"""The ``batchgen`` command line: parses options, calls the library, maps errors to exit codes.
+
+Heavy modules (polars, httpx, aiohttp) are imported inside the commands so that
+``batchgen --help`` starts at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from batchgen import __version__
+from batchgen.errors import BatchgenError
+
+INPUT_FORMATS = ("csv", "parquet", "jsonl")
+
+
+def _fail(err: BatchgenError) -> None:
+    click.echo(f"batchgen: error: {err}", err=True)
+    sys.exit(err.exit_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="batchgen")
+def cli() -> None:
+    """Run tables of prompts through DashScope (Qwen) chat models.
+
+    \b
+    Try it with no key against the built-in simulator:
+      batchgen run sample_data/prompts.csv -o out/answers.csv --simulate
+    """
+
+
+@cli.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "output_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Output table; .csv, .parquet or .jsonl picks the format.")
+@click.option("--input-format", type=click.Choice(INPUT_FORMATS),
+              help="Read INPUT as this format whatever its extension.")
+@click.option("--prompt-column", help="Column holding the user prompt.  [default: prompt]")
+@click.option("--template", help="Build the prompt from columns, e.g. 'Summarize: {text}'.")
+@click.option("--system", "system_prompt", help="System prompt for every row.")
+@click.option("--system-column", help="Column holding each row's system prompt.")
+@click.option("--messages-column",
+              help='Column holding a JSON array of {"role", "content"} messages (multi-turn).')
+@click.option("--id-column", help="Column with a unique, stable row key.  [default: row number]")
+@click.option("--limit", type=click.IntRange(min=1), help="Run only the first N rows.")
+@click.option("-m", "--model", default="qwen-plus", show_default=True, help="Model name.")
+@click.option("--endpoint", type=click.Choice(["text", "multimodal"]),
+              help="Force the API route.  [default: chosen from the model]")
+@click.option("--base-url", help="API base URL.  [env: DASHSCOPE_HTTP_BASE_URL]")
+@click.option("--region", type=click.Choice(["intl", "us", "cn", "hk"]),
+              help="Region whose public endpoint to use.  [env: DASHSCOPE_API_REGION; default: intl]")
+@click.option("--workspace", envvar="DASHSCOPE_WORKSPACE_ID", show_envvar=True,
+              help="Workspace ID, sent as X-DashScope-WorkSpace.")
+@click.option("--temperature", type=float, help="Sampling temperature, [0, 2).")
+@click.option("--top-p", type=float, help="Nucleus sampling mass, (0, 1].")
+@click.option("--top-k", type=int, help="Sample from the k most likely tokens.")
+@click.option("--max-tokens", type=int, help="Cap on output tokens per reply.")
+@click.option("--seed", type=int, help="Random seed, [0, 2^31-1].")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--enable-thinking/--disable-thinking", default=None,
+              help="Turn thinking on or off on hybrid models.  [default: send nothing]")
+@click.option("--thinking-budget", type=int, help="Cap on reasoning tokens.")
+@click.option("--param", "params", multiple=True, metavar="KEY=JSON",
+              help="Any other parameter, e.g. --param presence_penalty=0.5 (repeatable).")
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Requests in flight at once.")
+@click.option("--rpm", type=click.FloatRange(min=0, min_open=True), default=600.0,
+              show_default=True, help="Requests per minute, paced evenly (RPM/60 per second).")
+@click.option("--max-attempts", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Attempts per row, first one included.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0,
+              show_default=True, help="Seconds to wait for one answer.")
+@click.option("--simulate", is_flag=True,
+              help="Run against the built-in simulator on a local port (no key needed).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress and no summary on stderr.")
+def run(**options: Any) -> None:
+    """Answer every row of INPUT and write the table with the answers to OUTPUT.
+
+    \b
+    Examples:
+      batchgen run prompts.csv -o answers.parquet -m qwen-plus
+      batchgen run reviews.parquet -o out.csv --template 'Sentiment of: {review}'
+      batchgen run sample_data/prompts.csv -o out/answers.csv --simulate
+
+    \b
+    Exit codes: 0 every row ok, 3 some rows failed, 1 the run stopped on a fatal
+    error (the output still lists every row), 2 bad usage or input (nothing sent).
+    """
+    from batchgen.commands import run_command
+
+    try:
+        code = run_command(**options)
+    except BatchgenError as err:
+        _fail(err)
+    sys.exit(code)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
+@click.option("--key", envvar="DASHSCOPE_API_KEY",
+              help="The one API key accepted.  [default: $DASHSCOPE_API_KEY, else a demo key]")
+@click.option("--latency", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Mean seconds per answer.")
+@click.option("--jitter", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Latency varies uniformly by this many seconds either way.")
+@click.option("--rpm", type=click.IntRange(min=1), help="Request quota per minute, enforced per "
+              "second (429 Throttling.RateQuota past it).")
+@click.option("--fault-429", type=click.FloatRange(0, 1), default=0.0, help="Share of 429s.")
+@click.option("--fault-500", type=click.FloatRange(0, 1), default=0.0, help="Share of 500s.")
+@click.option("--fault-drop", type=click.FloatRange(0, 1), default=0.0,
+              help="Share of connections dropped with no answer.")
+@click.option("--fault-truncate", type=click.FloatRange(0, 1), default=0.0,
+              help="Share of 200 answers cut off mid-body.")
+@click.option("--fault-hang", type=click.FloatRange(0, 1), default=0.0,
+              help="Share of requests that hang for --hang-seconds.")
+@click.option("--hang-seconds", type=click.FloatRange(min=0), default=600.0, show_default=True)
+@click.option("--fault-200-error", type=click.FloatRange(0, 1), default=0.0,
+              help="Share of HTTP 200 answers carrying an error code.")
+@click.option("--seed", type=int, help="Seed for faults and latency, for repeatable runs.")
+def simulate(host: str, port: int, key: str | None, **knobs: Any) -> None:
+    """Serve a DashScope simulator for tests, demos and benchmarks.
+
+    \b
+    Speaks the native text and multimodal routes with DashScope's shapes, errors and quotas:
+      batchgen simulate --port 8765 --latency 0.5 --rpm 600 --fault-429 0.05
+      DASHSCOPE_HTTP_BASE_URL=http://127.0.0.1:8765/api/v1 batchgen run in.csv -o out.csv
+    """
+    from batchgen.simulator import DEMO_KEY, SimulatorConfig, serve_forever
+
+    if sum(v for k, v in knobs.items() if k.startswith("fault_")) > 1:
+        raise click.BadParameter("the --fault-* shares add up to more than 1")
+    serve_forever(SimulatorConfig(key=key or DEMO_KEY, **knobs), host=host, port=port)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except KeyboardInterrupt:
+        click.echo("batchgen: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

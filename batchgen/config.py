@@ -1,0 +1,160 @@
+"""A run's settings as one frozen value, built once at the edge and passed down.
+
+Precedence is flags, then environment (the dashscope SDK's own variables), then defaults.
+Everything a request will carry is validated here, before the first byte is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchgen.errors import UsageError
+from batchgen.protocol import REGION_ALIASES, REGION_BASE_URLS, Route, route_for_model
+
+ENV_API_KEY = "DASHSCOPE_API_KEY"
+ENV_BASE_URL = "DASHSCOPE_HTTP_BASE_URL"
+ENV_REGION = "DASHSCOPE_API_REGION"
+ENV_WORKSPACE = "DASHSCOPE_WORKSPACE_ID"
+
+DEFAULT_MODEL = "qwen-plus"
+DEFAULT_CONCURRENCY = 16
+DEFAULT_RPM = 600.0  # the documented default quota of qwen-plus
+DEFAULT_MAX_ATTEMPTS = 8
+DEFAULT_TIMEOUT = 300.0
+
+NO_KEY = (f"no API key: set {ENV_API_KEY} (a DashScope key from the Model Studio console), "
+          "or pass --simulate to try batchgen against its built-in simulator")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """How to call DashScope for one run. ``api_key`` never appears in ``repr``."""
+
+    api_key: str = field(repr=False)
+    base_url: str = REGION_BASE_URLS["intl"]
+    model: str = DEFAULT_MODEL
+    route: Route | None = None  # None: chosen from the model name
+    workspace: str | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    concurrency: int = DEFAULT_CONCURRENCY
+    rpm: float = DEFAULT_RPM
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    timeout: float = DEFAULT_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if not self.api_key or not self.api_key.strip():
+            raise UsageError(NO_KEY)
+        if not self.model:
+            raise UsageError("the model name is empty: pass -m/--model, e.g. -m qwen-plus")
+        if self.concurrency < 1:
+            raise UsageError(f"--concurrency must be at least 1, got {self.concurrency}")
+        if not (self.rpm > 0 and math.isfinite(self.rpm)):
+            raise UsageError(f"--rpm must be a positive number, got {self.rpm}")
+        if self.max_attempts < 1:
+            raise UsageError(f"--max-attempts must be at least 1, got {self.max_attempts}")
+        if not self.timeout > 0:
+            raise UsageError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise UsageError(f"base URL {self.base_url!r} must start with http:// or https://")
+        object.__setattr__(self, "api_key", self.api_key.strip())
+        object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
+        object.__setattr__(self, "parameters", validate_parameters(self.parameters))
+
+    @property
+    def effective_route(self) -> Route:
+        return self.route or route_for_model(self.model)
+
+
+def resolve_base_url(base_url: str | None, region: str | None,
+                     environ: Mapping[str, str] = os.environ) -> str:
+    """``--base-url``, else ``DASHSCOPE_HTTP_BASE_URL``, else the region's URL (default intl)."""
+    if base_url:
+        return base_url
+    if environ.get(ENV_BASE_URL):
+        return environ[ENV_BASE_URL]
+    name = (region or environ.get(ENV_REGION) or "intl").strip().lower()
+    name = REGION_ALIASES.get(name, name)
+    if name not in REGION_BASE_URLS:
+        raise UsageError(f"unknown region {region or environ.get(ENV_REGION)!r}: use one of "
+                         f"{', '.join(REGION_BASE_URLS)} (or --base-url)")
+    return REGION_BASE_URLS[name]
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UsageError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{name} must be a whole number, got {value!r}")
+    return value
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+def _validate_one(key: str, value: Any) -> None:
+    """DashScope's documented ranges, checked so a typo fails here and not on every row."""
+    if key == "temperature":
+        _check(0 <= _number(key, value) < 2, f"temperature must be in [0, 2), got {value}")
+    elif key == "top_p":
+        _check(0 < _number(key, value) <= 1, f"top_p must be in (0, 1], got {value}")
+    elif key == "top_k":
+        _check(_integer(key, value) >= 0, f"top_k must be 0 or more, got {value}")
+    elif key == "max_tokens":
+        _check(_integer(key, value) >= 1, f"max_tokens must be at least 1, got {value}")
+    elif key == "seed":
+        _check(0 <= _integer(key, value) <= 2**31 - 1, f"seed must be in [0, 2^31-1], got {value}")
+    elif key == "thinking_budget":
+        _check(_integer(key, value) >= 1, f"thinking_budget must be at least 1, got {value}")
+    elif key == "n":
+        _check(1 <= _integer(key, value) <= 4, f"n must be 1 to 4, got {value}")
+    elif key in ("presence_penalty",):
+        _check(-2 <= _number(key, value) <= 2, f"{key} must be in [-2, 2], got {value}")
+    elif key == "repetition_penalty":
+        _check(_number(key, value) > 0, f"repetition_penalty must be above 0, got {value}")
+    elif key in ("enable_thinking", "enable_search"):
+        _check(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
+    elif key == "stop":
+        _check(isinstance(value, str) or (isinstance(value, list) and value != [] and all(
+            isinstance(s, str) and s for s in value)),
+            f"stop must be a string or a list of non-empty strings, got {value!r}")
+    elif key == "result_format":
+        _check(value == "message", "result_format is always 'message' in batchgen; drop it")
+    elif key in ("stream", "incremental_output"):
+        raise UsageError(f"{key} (streaming) is not supported by batchgen run yet; drop --param {key}")
+
+
+def validate_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """Check every known generation parameter; unknown ones pass through as the SDK does."""
+    checked = {}
+    for key, value in parameters.items():
+        if value is None:
+            continue
+        _validate_one(key, value)
+        checked[key] = value
+    return checked
+
+
+def parse_param_options(pairs: Iterable[str]) -> dict[str, Any]:
+    """``--param KEY=JSON`` pairs into a dict; a bare word that is not JSON is taken as a string."""
+    parsed: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--param {pair!r} is not KEY=VALUE, e.g. --param presence_penalty=0.5")
+        try:
+            parsed[key] = json.loads(raw)
+        except ValueError:
+            parsed[key] = raw
+    return parsed

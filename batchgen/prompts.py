@@ -1,0 +1,174 @@
+"""Turning table rows into chat messages.
+
+Problems with the spec itself (a missing column, two ways of saying the same thing) are
+``UsageError`` before anything is sent. Problems with one row (an empty prompt, a malformed
+messages cell) become that row's error and the row is never sent.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+from batchgen.errors import UsageError
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+EMPTY_PROMPT = "batchgen.EmptyPrompt"
+BAD_MESSAGES = "batchgen.InvalidMessages"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptSpec:
+    """Where each row's messages come from: one of a prompt column, a template or a messages column."""
+
+    prompt_column: str | None = None  # None: "prompt" unless template/messages_column is given
+    template: str | None = None
+    system: str | None = None
+    system_column: str | None = None
+    messages_column: str | None = None
+
+    def __post_init__(self) -> None:
+        sources = [name for name, v in (("--prompt-column", self.prompt_column),
+                                        ("--template", self.template),
+                                        ("--messages-column", self.messages_column)) if v]
+        if len(sources) > 1:
+            raise UsageError(f"{' and '.join(sources)} both say where the prompt comes from: "
+                             "keep one")
+        if self.system is not None and self.system_column:
+            raise UsageError("--system and --system-column both set the system prompt: keep one")
+
+    def template_fields(self) -> list[str]:
+        if self.template is None:
+            return []
+        try:
+            parsed = list(string.Formatter().parse(self.template))
+        except ValueError as exc:
+            raise UsageError(f"--template is malformed ({exc}); write fields as {{column}} and "
+                             "literal braces as {{{{ and }}}}") from None
+        fields = []
+        for _, name, _, _ in parsed:
+            if name is None:
+                continue
+            if not name or name.isdigit() or any(c in name for c in ".[]"):
+                raise UsageError(f"--template field {{{name}}} must name a column, "
+                                 "e.g. 'Summarize: {text}'")
+            fields.append(name)
+        if not fields:
+            raise UsageError("--template names no column: use fields like {text}")
+        return fields
+
+    def required_columns(self) -> list[str]:
+        """Every input column the spec reads, in the order a user would list them."""
+        if self.messages_column:
+            columns = [self.messages_column]
+        elif self.template is not None:
+            columns = list(dict.fromkeys(self.template_fields()))
+        else:
+            columns = [self.prompt_column or "prompt"]
+        if self.system_column:
+            columns.append(self.system_column)
+        return columns
+
+
+def check_columns(spec: PromptSpec, columns: Sequence[str]) -> None:
+    """Fail early, listing what the table has, when the spec names a column it lacks."""
+    have = set(columns)
+    listing = ", ".join(columns)
+    for column in spec.required_columns():
+        if column in have:
+            continue
+        if spec.template is not None and column in spec.template_fields():
+            what = f"--template field {{{column}}}"
+        elif column == spec.system_column:
+            what = f"--system-column {column!r}"
+        elif column == spec.messages_column:
+            what = f"--messages-column {column!r}"
+        else:
+            what = f"prompt column {column!r}"
+            listing += " (choose one with --prompt-column or write a --template)"
+        raise UsageError(f"{what} is not in the input; its columns are: {listing}")
+
+
+@dataclass(frozen=True, slots=True)
+class RowProblem:
+    """Why a row will not be sent."""
+
+    code: str
+    message: str
+
+
+def _parse_messages(cell: Any) -> list[dict[str, Any]] | RowProblem:
+    if cell is None or (isinstance(cell, str) and not cell.strip()):
+        return RowProblem(EMPTY_PROMPT, "the messages cell is empty")
+    if isinstance(cell, str):
+        try:
+            value = json.loads(cell)
+        except ValueError as exc:
+            return RowProblem(BAD_MESSAGES, f"the messages cell is not valid JSON: {exc}")
+    else:  # a Parquet list-of-struct column arrives as Python lists of dicts
+        value = cell
+    if not isinstance(value, list) or not value:
+        return RowProblem(BAD_MESSAGES, "the messages cell must be a non-empty JSON array of "
+                                        '{"role": ..., "content": ...} objects')
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or message.get("role") not in ROLES \
+                or not isinstance(message.get("content"), str | list):
+            return RowProblem(BAD_MESSAGES, f"message {i} needs a role (system, user, assistant "
+                                            "or tool) and a content")
+    return value
+
+
+def build_messages(spec: PromptSpec, frame: pl.DataFrame) -> list[list[dict[str, Any]] | RowProblem]:
+    """One message list (or the reason it cannot be sent) per row, in row order."""
+    check_columns(spec, frame.columns)
+    n = frame.height
+    if spec.system_column:
+        systems: list[Any] = frame.get_column(spec.system_column).cast(pl.String).to_list()
+    else:
+        systems = [spec.system] * n
+
+    out: list[list[dict[str, Any]] | RowProblem] = []
+    if spec.messages_column:
+        for cell, system in zip(frame.get_column(spec.messages_column).to_list(), systems,
+                                strict=True):
+            messages = _parse_messages(cell)
+            if isinstance(messages, list) and system and messages[0].get("role") != "system":
+                messages = [{"role": "system", "content": system}, *messages]
+            out.append(messages)
+        return out
+
+    if spec.template is not None:
+        fields = list(dict.fromkeys(spec.template_fields()))
+        columns = {f: frame.get_column(f).cast(pl.String).to_list() for f in fields}
+        prompts: list[str | RowProblem] = []
+        for i in range(n):
+            values = {f: columns[f][i] for f in fields}
+            missing = [f for f, v in values.items() if v is None]
+            if missing:
+                prompts.append(RowProblem(EMPTY_PROMPT, f"template field {{{missing[0]}}} is null "
+                                                        "in this row"))
+            else:
+                try:
+                    prompts.append(spec.template.format_map(values))
+                except (ValueError, TypeError) as exc:
+                    raise UsageError(f"--template cannot be filled from row {i}: {exc}") from None
+    else:
+        column = spec.prompt_column or "prompt"
+        prompts = frame.get_column(column).cast(pl.String).to_list()
+
+    for prompt, system in zip(prompts, systems, strict=True):
+        if isinstance(prompt, RowProblem):
+            out.append(prompt)
+        elif prompt is None or not prompt.strip():
+            out.append(RowProblem(EMPTY_PROMPT, "the prompt is empty; the row was not sent"))
+        else:
+            messages = [{"role": "user", "content": prompt}]
+            if system:
+                messages.insert(0, {"role": "system", "content": system})
+            out.append(messages)
+    return out

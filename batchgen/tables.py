@@ -1,0 +1,167 @@
+"""Reading prompt tables and writing answer tables (CSV, Parquet, JSONL).
+
+Every read problem becomes a one-line ``UsageError`` that names the file and the fix. Writes
+are atomic: the table goes to a temporary file beside the target, is flushed to disk, then
+renamed over it, so a crash never leaves half a file and a failed run never clobbers one.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+
+from batchgen.errors import UsageError
+
+Format = Literal["csv", "parquet", "jsonl"]
+FORMATS: tuple[Format, ...] = ("csv", "parquet", "jsonl")
+_EXTENSIONS: dict[str, Format] = {
+    ".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
+}
+
+NOT_UTF8 = ("{path} is not UTF-8 text (first bad byte at offset {offset}): re-save it as UTF-8, "
+            "e.g. `iconv -f latin1 -t utf-8 {path} > fixed.csv`")
+
+
+def format_of(path: str | os.PathLike[str], override: str | None = None, *, role: str) -> Format:
+    """The table format, from ``override`` or the file's extension."""
+    if override:
+        return override  # type: ignore[return-value]  # click.Choice checked it
+    suffix = Path(path).suffix.lower()
+    if suffix in _EXTENSIONS:
+        return _EXTENSIONS[suffix]
+    known = ", ".join(_EXTENSIONS)
+    hint = " or pass --input-format" if role == "input" else ""
+    raise UsageError(f"cannot tell the {role} format of {path} from its extension "
+                     f"{suffix or '(none)'!r}: use {known}{hint}")
+
+
+def _first_bad_utf8(path: Path) -> int | None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                return offset + exc.start
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        return offset + exc.start
+    return None
+
+
+def _first_bad_jsonl_line(path: Path) -> str | None:
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as exc:
+                return f"line {number} is not valid JSON ({exc.args[0].split(':')[0]})"
+            if not isinstance(value, dict):
+                return f"line {number} is not a JSON object"
+    return None
+
+
+def read_table(path: str | os.PathLike[str], fmt: str | None = None) -> pl.DataFrame:
+    """Read a whole input table; CSV cells stay strings so nothing is reinterpreted."""
+    path = Path(path)
+    fmt = format_of(path, fmt, role="input")
+    if not path.exists():
+        raise UsageError(f"input file not found: {path}")
+    if path.is_dir():
+        raise UsageError(f"input {path} is a directory, not a file")
+    try:
+        if fmt == "csv":
+            frame = pl.read_csv(path, infer_schema=False, encoding="utf8")
+            # Spreadsheet exports often start with a byte-order mark; it is not part of the name.
+            if frame.columns and frame.columns[0].startswith("\ufeff"):
+                frame = frame.rename({frame.columns[0]: frame.columns[0].lstrip("\ufeff")})
+        elif fmt == "parquet":
+            frame = pl.read_parquet(path)
+        else:
+            frame = pl.read_ndjson(path, infer_schema_length=None)
+    except pl.exceptions.NoDataError:
+        raise UsageError(f"input {path} is empty: it has no header and no rows") from None
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+        raise _read_error(path, fmt, exc) from None
+    if frame.height == 0:
+        raise UsageError(f"input {path} has no rows (columns: {', '.join(frame.columns) or 'none'})")
+    return frame
+
+
+def _read_error(path: Path, fmt: str, exc: Exception) -> UsageError:
+    if fmt == "csv":
+        offset = _first_bad_utf8(path)
+        if offset is not None:
+            return UsageError(NOT_UTF8.format(path=path, offset=offset))
+    if fmt == "jsonl":
+        if path.stat().st_size == 0:
+            return UsageError(f"input {path} is empty: it has no rows")
+        problem = _first_bad_jsonl_line(path)
+        if problem:
+            return UsageError(f"input {path}: {problem}; fix that line or remove it")
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UsageError(f"cannot read {path} as {fmt}: {first_line}")
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Make sure the output can be written *before* any money is spent producing it."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"output {path} is a directory: give a file name, e.g. {path}/answers.csv")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"cannot write the output {path}: {exc.strerror or exc}") from None
+
+
+def write_table(frame: pl.DataFrame, path: str | os.PathLike[str], fmt: Format | None = None) -> None:
+    """Write ``frame`` atomically: temporary file, fsync, rename over ``path``."""
+    path = Path(path)
+    fmt = fmt or format_of(path, role="output")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if fmt == "csv":
+                frame.write_csv(f)
+            elif fmt == "parquet":
+                frame.write_parquet(f)
+            else:
+                frame.write_ndjson(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

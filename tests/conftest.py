@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+from click.testing import CliRunner, Result
+
+from batchgen.cli import cli
+from batchgen.simulator import SimulatorConfig, SimulatorThread
+
+ENV_VARS = ("DASHSCOPE_API_KEY", "DASHSCOPE_HTTP_BASE_URL", "DASHSCOPE_API_REGION",
+            "DASHSCOPE_WORKSPACE_ID")
+KEY = "sk-test-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test sees the developer's DashScope settings, and each works in its own folder."""
+    for var in ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def simulator() -> Iterator[Callable[..., SimulatorThread]]:
+    """Start simulators on free loopback ports: ``sim = simulator(latency=0.01, ...)``."""
+    started: list[SimulatorThread] = []
+
+    def start(**knobs: object) -> SimulatorThread:
+        sim = SimulatorThread(SimulatorConfig(key=KEY, **knobs))  # type: ignore[arg-type]
+        sim.start()
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in started:
+        sim.stop()
+
+
+def invoke(args: list[str], sim: SimulatorThread | None = None, *,
+           key: str | None = KEY) -> Result:
+    """Run the CLI in-process, pointed at ``sim`` through the documented environment variables."""
+    env = {}
+    if sim is not None:
+        env["DASHSCOPE_HTTP_BASE_URL"] = sim.base_url
+    if key is not None:
+        env["DASHSCOPE_API_KEY"] = key
+    return CliRunner().invoke(cli, args, env=env, catch_exceptions=False)
+
+
+def write_prompts(path: Path, prompts: list[str | None], **extra: list) -> Path:
+    frame = pl.DataFrame({"id": [f"r{i:03d}" for i in range(len(prompts))], "prompt": prompts,
+                          **extra})
+    if path.suffix == ".csv":
+        frame.write_csv(path)
+    elif path.suffix == ".parquet":
+        frame.write_parquet(path)
+    else:
+        frame.write_ndjson(path)
+    return path

@@ -1,0 +1,294 @@
+"""``batchgen run`` end to end, over real loopback sockets against the simulator."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import KEY, invoke, write_prompts
+
+import batchgen
+from batchgen.runner import OUTPUT_COLUMNS, OUTPUT_SCHEMA
+from batchgen.simulator import simulated_reply
+
+PROMPTS = [f"Question {i}: what is {i} squared, and why?" for i in range(60)]
+FAST = ["--rpm", "60000", "-c", "16"]
+
+
+def read(path: Path) -> pl.DataFrame:
+    return pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path)
+
+
+def test_every_row_ok_in_order_despite_20_percent_faults(simulator, tmp_path):
+    sim = simulator(latency=0.01, fault_429=0.05, fault_500=0.05, fault_drop=0.04,
+                    fault_truncate=0.03, fault_200_error=0.03, seed=7)
+    source = write_prompts(tmp_path / "in.csv", PROMPTS)
+    out = tmp_path / "out.parquet"
+
+    result = invoke(["run", str(source), "-o", str(out), *FAST], sim)
+
+    assert result.exit_code == 0, result.stderr
+    frame = pl.read_parquet(out)
+    assert frame["id"].to_list() == [f"r{i:03d}" for i in range(60)]  # input order kept
+    assert frame["status"].unique().to_list() == ["ok"]
+    # Faults really happened and were retried, not avoided.
+    faults = sum(n for outcome, n in sim.stats.outcomes.items() if outcome.startswith("fault_"))
+    assert faults >= 5
+    assert frame["attempts"].sum() == 60 + faults
+    assert frame["attempts"].max() > 1
+    # Each reply is exactly what the simulator served under that request ID.
+    served = sim.stats.served
+    for row in frame.iter_rows(named=True):
+        assert served[row["request_id"]] == row["reply"]
+        expected = simulated_reply("qwen-plus", [{"role": "user", "content": row["prompt"]}])
+        assert row["reply"] == expected.content
+        assert row["input_tokens"] == expected.input_tokens
+        assert row["total_tokens"] == row["input_tokens"] + row["output_tokens"]
+
+
+def test_output_has_input_columns_then_documented_columns_with_nulls(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.parquet", ["Hello there", "   "],
+                           extra=["a", "b"])
+    out = tmp_path / "out.parquet"
+
+    result = invoke(["run", str(source), "-o", str(out), *FAST], sim)
+
+    assert result.exit_code == 3  # the blank prompt is a row error
+    frame = pl.read_parquet(out)
+    assert frame.columns == ["id", "prompt", "extra", *OUTPUT_COLUMNS]
+    assert dict(frame.select(OUTPUT_COLUMNS).schema) == OUTPUT_SCHEMA
+    ok, blank = frame.row(0, named=True), frame.row(1, named=True)
+    assert ok["status"] == "ok" and ok["finish_reason"] == "stop" and ok["model"] == "qwen-plus"
+    assert ok["reasoning"] is None and ok["error_code"] is None and ok["http_status"] == 200
+    assert ok["latency_ms"] > 0 and ok["finished_at"].tzinfo is not None
+    assert blank["status"] == "error" and blank["error_code"] == "batchgen.EmptyPrompt"
+    assert blank["reply"] is None and blank["input_tokens"] is None and blank["attempts"] == 0
+    assert sim.stats.requests == 1  # the empty prompt was never sent
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_each_output_format_round_trips(simulator, tmp_path, suffix):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["Say hi", "Say bye"])
+    out = tmp_path / f"out{suffix}"
+
+    assert invoke(["run", str(source), "-o", str(out), *FAST], sim).exit_code == 0
+    frame = {".csv": pl.read_csv, ".jsonl": pl.read_ndjson, ".parquet": pl.read_parquet}[suffix](out)
+    assert frame.height == 2 and frame["status"].to_list() == ["ok", "ok"]
+    assert frame["reasoning"].null_count() == 2  # nulls, not empty strings
+
+
+def test_row_errors_are_recorded_and_the_run_goes_on(simulator, tmp_path):
+    sim = simulator()
+    prompts = ["fine", "[sim:DataInspectionFailed] bad", "", "[sim:InternalError] flaky",
+               "[sim:InvalidParameter] odd", "also fine"]
+    source = write_prompts(tmp_path / "in.csv", prompts)
+    out = tmp_path / "out.csv"
+
+    result = invoke(["run", str(source), "-o", str(out), *FAST, "--max-attempts", "2"], sim)
+
+    assert result.exit_code == 3
+    frame = pl.read_csv(out)
+    assert frame["status"].to_list() == ["ok", "error", "error", "error", "error", "ok"]
+    assert frame["error_code"].to_list() == [
+        None, "DataInspectionFailed", "batchgen.EmptyPrompt", "InternalError", "InvalidParameter",
+        None]
+    assert frame["attempts"].to_list() == [1, 1, 0, 2, 1, 1]
+    assert frame["error_message"][3].startswith("gave up after 2 attempts")
+    assert frame["http_status"].to_list() == [200, 400, None, 500, 400, 200]
+    assert frame["request_id"][1] is not None  # the server's ID is kept on errors too
+    assert "4 error" in result.stderr
+
+
+def test_a_rejected_key_stops_the_run_fast_and_still_writes_every_row(simulator, tmp_path):
+    sim = simulator(latency=0.05)
+    source = write_prompts(tmp_path / "in.csv", PROMPTS)
+    out = tmp_path / "out.csv"
+
+    started = time.monotonic()
+    result = invoke(["run", str(source), "-o", str(out), "-c", "4", "--rpm", "6000"], sim,
+                    key="sk-wrong")
+
+    assert time.monotonic() - started < 5
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "InvalidApiKey" in errors[0] and "DASHSCOPE_API_KEY" in errors[0]
+    assert "sk-wrong" not in result.stderr and "sk-wrong" not in out.read_text()
+    frame = pl.read_csv(out)
+    assert frame.height == 60
+    assert set(frame["status"]) == {"error", "skipped"}
+    assert (frame["status"] == "skipped").sum() >= 50
+    assert sim.stats.requests <= 4
+
+
+def test_a_fatal_answer_mid_run_skips_the_rest(simulator, tmp_path):
+    sim = simulator()
+    prompts = [f"row {i}" for i in range(10)]
+    prompts[3] = "[sim:Arrearage] row 3"
+    source = write_prompts(tmp_path / "in.csv", prompts)
+    out = tmp_path / "out.csv"
+
+    result = invoke(["run", str(source), "-o", str(out), "-c", "1", "--rpm", "60000"], sim)
+
+    assert result.exit_code == 1
+    assert "Arrearage" in result.stderr and "top up" in result.stderr
+    frame = pl.read_csv(out)
+    assert frame["status"].to_list() == ["ok"] * 3 + ["error"] + ["skipped"] * 6
+    assert sim.stats.requests == 4
+
+
+def test_a_failed_run_never_clobbers_an_existing_output(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["a", "b"])
+    out = tmp_path / "out.csv"
+    out.write_text("yesterday's answers\n")
+
+    result = invoke(["run", str(source), "-o", str(out), *FAST], sim, key="sk-wrong")
+
+    assert result.exit_code == 1
+    assert out.read_text() == "yesterday's answers\n"
+    kept = sorted(tmp_path.glob("out.aborted-*.csv"))
+    assert len(kept) == 1 and str(kept[0].name) in result.stderr
+    assert pl.read_csv(kept[0]).height == 2
+
+
+def test_requests_are_paced_per_second(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", [f"p{i}" for i in range(45)])
+
+    started = time.monotonic()
+    result = invoke(["run", str(source), "-o", str(tmp_path / "o.csv"), "--rpm", "600", "-c", "50"],
+                    sim)
+    elapsed = time.monotonic() - started
+
+    assert result.exit_code == 0
+    arrivals = sorted(sim.stats.arrivals)
+    assert len(arrivals) == 45
+    # No 1-second window, the first one included, carries more than rpm/60 + 1 = 11 requests.
+    busiest = max(sum(1 for t in arrivals[i:] if t < start + 1.0) for i, start in enumerate(arrivals))
+    assert busiest <= 11
+    # ...and the pacing is not wastefully slow: 45 requests at 10/s take about 4.4 s.
+    assert arrivals[-1] - arrivals[0] < 5.0
+    assert elapsed < 8
+
+
+def test_a_hanging_request_times_out_and_is_retried(simulator, tmp_path):
+    sim = simulator(fault_hang=0.3, hang_seconds=60, seed=3)
+    source = write_prompts(tmp_path / "in.csv", [f"p{i}" for i in range(12)])
+    out = tmp_path / "out.csv"
+
+    result = invoke(["run", str(source), "-o", str(out), *FAST, "--timeout", "0.5"], sim)
+
+    assert result.exit_code == 0
+    frame = pl.read_csv(out)
+    assert sim.stats.outcomes["fault_hang"] >= 1
+    assert frame["attempts"].sum() == 12 + sim.stats.outcomes["fault_hang"]
+
+
+def test_template_system_and_generation_parameters(simulator, tmp_path):
+    sim = simulator()
+    source = tmp_path / "in.csv"
+    pl.DataFrame({"text": ["The cat sat.", "Rain fell all day."], "tone": ["dry", None]}).write_csv(
+        source)
+    out = tmp_path / "out.parquet"
+
+    result = invoke(["run", str(source), "-o", str(out), *FAST, "--template",
+                     "Summarize in a {tone} tone: {text}", "--system", "Be brief.",
+                     "--max-tokens", "6", "--enable-thinking"], sim)
+
+    assert result.exit_code == 3  # the null {tone} makes row 2 an error, never sent
+    row = pl.read_parquet(out).row(0, named=True)
+    expected = simulated_reply(
+        "qwen-plus", [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Summarize in a dry tone: The cat sat."}],
+        max_tokens=6, enable_thinking=True)
+    assert row["reply"] == expected.content
+    assert row["finish_reason"] == "length"
+    assert row["reasoning"] == expected.reasoning and row["reasoning_tokens"] > 0
+    assert sim.stats.requests == 1
+
+
+def test_messages_column_and_system_column(simulator, tmp_path):
+    sim = simulator()
+    source = tmp_path / "in.jsonl"
+    conversation = ('[{"role":"user","content":"Hi"},{"role":"assistant","content":"Hello!"},'
+                    '{"role":"user","content":"And in French?"}]')
+    pl.DataFrame({"conv": [conversation, "not json"], "sys": ["Translate.", None]}).write_ndjson(
+        source)
+    out = tmp_path / "out.csv"
+
+    result = invoke(["run", str(source), "-o", str(out), *FAST, "--messages-column", "conv",
+                     "--system-column", "sys"], sim)
+
+    assert result.exit_code == 3
+    frame = pl.read_csv(out)
+    messages = [{"role": "system", "content": "Translate."},
+                *__import__("json").loads(conversation)]
+    assert frame["reply"][0] == simulated_reply("qwen-plus", messages).content
+    assert frame["error_code"][1] == "batchgen.InvalidMessages"
+
+
+def test_multimodal_models_use_their_route_and_a_wrong_route_is_fatal(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["Describe a sunset."])
+
+    ok = invoke(["run", str(source), "-o", str(tmp_path / "a.csv"), "-m", "qwen3.6-plus"], sim)
+    assert ok.exit_code == 0
+    assert pl.read_csv(tmp_path / "a.csv")["reply"][0] == simulated_reply(
+        "qwen3.6-plus", [{"role": "user", "content": [{"text": "Describe a sunset."}]}]).content
+
+    wrong = invoke(["run", str(source), "-o", str(tmp_path / "b.csv"), "-m", "qwen3.6-plus",
+                    "--endpoint", "text"], sim)
+    assert wrong.exit_code == 1
+    assert "url error" in wrong.stderr and "--endpoint multimodal" in wrong.stderr
+
+
+def test_unknown_model_is_fatal(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["a", "b", "c"])
+    result = invoke(["run", str(source), "-o", str(tmp_path / "o.csv"), "-m", "qwen-nope",
+                     "-c", "1"], sim)
+    assert result.exit_code == 1
+    assert "no such model" in result.stderr
+    assert sim.stats.requests == 1
+
+
+def test_workspace_header_and_limit(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", [f"p{i}" for i in range(10)])
+    out = tmp_path / "out.csv"
+    result = invoke(["run", str(source), "-o", str(out), *FAST, "--limit", "3",
+                     "--workspace", "ws-123", "-q"], sim)
+    assert result.exit_code == 0
+    assert result.stderr == ""  # --quiet
+    assert pl.read_csv(out).height == 3
+
+
+def test_simulate_flag_runs_the_sample_data_with_no_key(tmp_path):
+    sample = Path(__file__).parent.parent / "sample_data" / "prompts.csv"
+    out = tmp_path / "answers.csv"
+
+    result = invoke(["run", str(sample), "-o", str(out), "--simulate", "--rpm", "6000"], key=None)
+
+    assert result.exit_code == 0, result.stderr
+    frame = pl.read_csv(out)
+    assert frame.height == 50 and set(frame["status"]) == {"ok"}
+    assert "50 ok" in result.stderr.splitlines()[-1]
+
+
+def test_library_returns_the_output_frame(simulator):
+    sim = simulator()
+    config = batchgen.RunConfig(api_key=KEY, base_url=sim.base_url, rpm=60000)
+    frame = pl.DataFrame({"prompt": ["one", "two"], "n": [1, 2]})
+
+    out = batchgen.run_frame(frame, config)
+
+    assert out.columns == ["prompt", "n", *OUTPUT_COLUMNS]
+    assert out["status"].to_list() == ["ok", "ok"]
+    with pytest.raises(batchgen.FatalAPIError) as caught:
+        batchgen.run_frame(frame, batchgen.RunConfig(api_key="sk-bad", base_url=sim.base_url))
+    assert caught.value.result.frame.height == 2
+    assert "sk-bad" not in repr(config) and KEY not in repr(config)
