@@ -136,7 +136,11 @@ def simulate(host: str, port: int, key: str | None, **knobs: Any) -> None:
 
     if sum(v for k, v in knobs.items() if k.startswith("fault_")) > 1:
         raise click.BadParameter("the --fault-* shares add up to more than 1")
-    serve_forever(SimulatorConfig(key=key or DEMO_KEY, **knobs), host=host, port=port)
+    try:
+        serve_forever(SimulatorConfig(key=key or DEMO_KEY, **knobs), host=host, port=port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port} ({exc.strerror or exc}): "
+                                   "pick another --port, or 0 for any free one") from None
 
 
 def main() -> None:

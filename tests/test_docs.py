@@ -1,0 +1,49 @@
+"""The README is the manual: every option, output column, exit code and variable is in it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import click
+import pytest
+
+from batchgen.cli import cli
+from batchgen.runner import OUTPUT_COLUMNS
+
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("command", ["run", "simulate"])
+def test_every_option_is_documented(command):
+    params = cli.commands[command].params
+    names = [opt for p in params if isinstance(p, click.Option) for opt in p.opts + p.secondary_opts]
+    missing = [name for name in names if f"`{name}" not in README and f"{name} " not in README
+               and name not in ("-h", "--help")]
+    assert missing == []
+
+
+def test_every_output_column_is_documented():
+    assert [c for c in OUTPUT_COLUMNS if f"| `{c}` |" not in README] == []
+
+
+@pytest.mark.parametrize("code", [0, 1, 2, 3, 130])
+def test_exit_codes_are_documented(code):
+    assert f"| {code} |" in README
+
+
+def test_environment_variables_are_documented():
+    used = set()
+    for path in (ROOT / "batchgen").glob("*.py"):
+        used |= set(re.findall(r'"(DASHSCOPE_[A-Z_]+)"', path.read_text()))
+    assert used and [v for v in sorted(used) if f"| `{v}` |" not in README] == []
+
+
+def test_ci_runs_the_readme_test_command():
+    extracted = subprocess.run(["bash", ".ci/run", "--print"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    assert extracted == ("python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && "
+                         ".venv/bin/pytest")
+    assert f"```sh\n{extracted}\n```" in README
