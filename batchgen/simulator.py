@@ -183,13 +183,15 @@ class SimulatorStats:
     when it starts and again under the outcome of the answer it eventually gives, so that
     ``outcomes["ok"] == len(served)`` always holds. ``served`` maps each successful reply's
     request id to its content, which lets a test check that a result file holds exactly what
-    was served (no lost or duplicated paid work).
+    was served (no lost or duplicated paid work). ``workspaces`` counts the
+    ``X-DashScope-WorkSpace`` header values received.
     """
 
     requests: int = 0
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
     served: dict[str, str] = field(default_factory=dict)
     arrivals: list[float] = field(default_factory=list)
+    workspaces: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 @dataclass(frozen=True)
@@ -621,6 +623,9 @@ class Simulator:
         now = time.monotonic()
         stats.requests += 1
         stats.arrivals.append(now)
+        workspace = request.headers.get("X-DashScope-WorkSpace")
+        if workspace is not None:
+            stats.workspaces[workspace] += 1
 
         if request.headers.get("Authorization") != self._auth:
             return self._error(401, "InvalidApiKey", _MSG_INVALID_KEY, "auth_401", request_id)

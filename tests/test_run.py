@@ -265,6 +265,7 @@ def test_workspace_header_and_limit(simulator, tmp_path):
     assert result.exit_code == 0
     assert result.stderr == ""  # --quiet
     assert pl.read_csv(out).height == 3
+    assert sim.stats.workspaces == {"ws-123": 3}
 
 
 def test_simulate_flag_runs_the_sample_data_with_no_key(tmp_path):
