@@ -7,20 +7,156 @@ Heavy modules (polars, httpx, aiohttp) are imported inside the commands so that
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from batchgen import __version__
-from batchgen.errors import BatchgenError
+from batchgen.errors import BatchgenError, UsageError
 
 INPUT_FORMATS = ("csv", "parquet", "jsonl")
 
 
-def _fail(err: BatchgenError) -> None:
-    click.echo(f"batchgen: error: {err}", err=True)
-    sys.exit(err.exit_code)
+def _run_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options ``run`` and ``validate`` share: everything that describes a run."""
+    options = [
+        click.argument("input_path", metavar="INPUT", required=False,
+                       type=click.Path(dir_okay=False, path_type=Path)),
+        click.option("-o", "--output", "output_path", type=click.Path(path_type=Path),
+                     help="Output table; .csv, .parquet or .jsonl picks the format.  [required]"),
+        click.option("--job", "job_path", type=click.Path(dir_okay=False, path_type=Path),
+                     help="A job file (TOML) describing the run; options given here override it."),
+        click.option("--input-format", type=click.Choice(INPUT_FORMATS),
+                      help="Read INPUT as this format whatever its extension."),
+        click.option("--prompt-column", help="Column holding the user prompt.  [default: prompt]"),
+        click.option("--template", help="Build the prompt from columns, e.g. 'Summarize: {text}'."),
+        click.option("--system", "system_prompt", help="System prompt for every row."),
+        click.option("--system-column", help="Column holding each row's system prompt."),
+        click.option("--messages-column",
+                     help='Column holding a JSON array of {"role", "content"} messages.'),
+        click.option("--id-column",
+                     help="Column with a unique, stable row key.  [default: row number]"),
+        click.option("--limit", type=click.IntRange(min=1), help="Run only the first N rows."),
+        click.option("-m", "--model", default="qwen-plus", show_default=True, help="Model name."),
+        click.option("--endpoint", type=click.Choice(["text", "multimodal"]),
+                     help="Force the API route.  [default: chosen from the model]"),
+        click.option("--base-url", help="API base URL.  [env: DASHSCOPE_HTTP_BASE_URL]"),
+        click.option("--region", type=click.Choice(["intl", "us", "cn", "hk"]),
+                     help="Region of the public endpoint.  [env: DASHSCOPE_API_REGION; "
+                          "default: intl]"),
+        click.option("--workspace", envvar="DASHSCOPE_WORKSPACE_ID", show_envvar=True,
+                     help="Workspace ID, sent as X-DashScope-WorkSpace."),
+        click.option("--temperature", type=float, help="Sampling temperature, [0, 2)."),
+        click.option("--top-p", type=float, help="Nucleus sampling mass, (0, 1]."),
+        click.option("--top-k", type=int, help="Sample from the k most likely tokens."),
+        click.option("--max-tokens", type=int, help="Cap on output tokens per reply."),
+        click.option("--seed", type=int, help="Random seed, [0, 2^31-1]."),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("--enable-thinking/--disable-thinking", default=None,
+                     help="Turn thinking on or off on hybrid models.  [default: send nothing]"),
+        click.option("--thinking-budget", type=int, help="Cap on reasoning tokens."),
+        click.option("--param", "params", multiple=True, metavar="KEY=JSON",
+                     help="Any other parameter, e.g. --param presence_penalty=0.5 (repeatable)."),
+        click.option("-c", "--concurrency", type=click.IntRange(min=1), default=16,
+                     show_default=True, help="Requests in flight at once."),
+        click.option("--rpm", type=click.FloatRange(min=0, min_open=True), default=600.0,
+                     show_default=True, help="Requests per minute, paced evenly (RPM/60 a second)."),
+        click.option("--max-attempts", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Attempts per row, first one included."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0,
+                     show_default=True, help="Seconds to wait for one answer."),
+        click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
+                     help="On Ctrl-C or SIGTERM, seconds to let requests in flight finish."),
+        click.option("--retry-errors", is_flag=True,
+                     help="On resume, send rows that failed permanently last time again too."),
+        click.option("--fresh", is_flag=True,
+                     help="Ignore and replace the journal: answer every row again."),
+        click.option("--simulate", is_flag=True,
+                     help="Run against the built-in simulator on a local port (no key needed)."),
+        click.option("--summary", "summary_path", type=click.Path(path_type=Path),
+                     help="Write a JSON summary of the run to this file."),
+        click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+                     show_default=True, help="Log lines on stderr for people or as JSON objects."),
+        click.option("-q", "--quiet", is_flag=True,
+                     help="No progress and no summary line; errors still print."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _kind(param: click.Parameter) -> str:
+    """What a job file must give for ``param``: see ``jobs.check_value``."""
+    if param.name == "params":
+        return "table"
+    if param.multiple:
+        return "strs"
+    if isinstance(param, click.Option) and (param.is_flag or param.is_bool_flag):
+        return "bool"
+    if isinstance(param.type, click.types.IntParamType):
+        return "int"
+    if isinstance(param.type, click.types.FloatParamType):
+        return "float"
+    return "str"
+
+
+def _merge_job(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """Command line over job file over environment and defaults; then fill path placeholders."""
+    from batchgen.jobs import PATH_KEYS, fill_placeholders, job_options
+
+    job_path = options["job_path"]
+    merged = dict(options)
+    if job_path is not None:
+        params = {p.name: p for p in ctx.command.params if p.name}
+        from_job = job_options(job_path, {name: _kind(p) for name, p in params.items()})
+        for name, value in from_job.items():
+            if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+                if name == "params":  # --param KEY=... on the command line wins key by key
+                    merged[name] = {**value, **dict(_split_params(options[name]))}
+                continue
+            param = params[name]
+            try:
+                merged[name] = (value if name == "params" or _kind(param) == "bool"
+                                else param.type_cast_value(ctx, value))
+            except click.BadParameter as exc:
+                raise UsageError(f"{job_path}: {name!r}: {exc.message}") from None
+    if merged["input_path"] is None:
+        raise UsageError("give the INPUT table (or a --job file that names it)")
+    if merged["output_path"] is None:
+        raise UsageError("give -o/--output (or a --job file that names it)")
+    job = job_path.stem if job_path is not None else None
+    for key in PATH_KEYS:
+        if merged.get(key) is not None:
+            merged[key] = Path(fill_placeholders(str(merged[key]), job=job))
+    merged["job"] = job
+    del merged["job_path"]
+    return merged
+
+
+def _split_params(pairs: Any) -> list[tuple[str, str]]:
+    from batchgen.config import parse_param_options
+
+    return list(parse_param_options(pairs).items())
+
+
+def _dispatch(ctx: click.Context, implementation: str, options: dict[str, Any]) -> None:
+    """Merge the job file, set up logging, call ``commands.<implementation>``, exit with its code."""
+    from batchgen import commands
+    from batchgen.logs import setup_logging
+
+    log = setup_logging(options["log_format"], quiet=options["quiet"])
+    try:
+        merged = _merge_job(ctx, options)
+        if merged["log_format"] != options["log_format"] or merged["quiet"] != options["quiet"]:
+            log = setup_logging(merged["log_format"], quiet=merged["quiet"])
+        code = getattr(commands, implementation)(**merged)
+    except BatchgenError as err:
+        log.error("%s", err)
+        sys.exit(err.exit_code)
+    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -35,70 +171,43 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "output_path", required=True,
-              type=click.Path(dir_okay=False, path_type=Path),
-              help="Output table; .csv, .parquet or .jsonl picks the format.")
-@click.option("--input-format", type=click.Choice(INPUT_FORMATS),
-              help="Read INPUT as this format whatever its extension.")
-@click.option("--prompt-column", help="Column holding the user prompt.  [default: prompt]")
-@click.option("--template", help="Build the prompt from columns, e.g. 'Summarize: {text}'.")
-@click.option("--system", "system_prompt", help="System prompt for every row.")
-@click.option("--system-column", help="Column holding each row's system prompt.")
-@click.option("--messages-column",
-              help='Column holding a JSON array of {"role", "content"} messages (multi-turn).')
-@click.option("--id-column", help="Column with a unique, stable row key.  [default: row number]")
-@click.option("--limit", type=click.IntRange(min=1), help="Run only the first N rows.")
-@click.option("-m", "--model", default="qwen-plus", show_default=True, help="Model name.")
-@click.option("--endpoint", type=click.Choice(["text", "multimodal"]),
-              help="Force the API route.  [default: chosen from the model]")
-@click.option("--base-url", help="API base URL.  [env: DASHSCOPE_HTTP_BASE_URL]")
-@click.option("--region", type=click.Choice(["intl", "us", "cn", "hk"]),
-              help="Region whose public endpoint to use.  [env: DASHSCOPE_API_REGION; default: intl]")
-@click.option("--workspace", envvar="DASHSCOPE_WORKSPACE_ID", show_envvar=True,
-              help="Workspace ID, sent as X-DashScope-WorkSpace.")
-@click.option("--temperature", type=float, help="Sampling temperature, [0, 2).")
-@click.option("--top-p", type=float, help="Nucleus sampling mass, (0, 1].")
-@click.option("--top-k", type=int, help="Sample from the k most likely tokens.")
-@click.option("--max-tokens", type=int, help="Cap on output tokens per reply.")
-@click.option("--seed", type=int, help="Random seed, [0, 2^31-1].")
-@click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--enable-thinking/--disable-thinking", default=None,
-              help="Turn thinking on or off on hybrid models.  [default: send nothing]")
-@click.option("--thinking-budget", type=int, help="Cap on reasoning tokens.")
-@click.option("--param", "params", multiple=True, metavar="KEY=JSON",
-              help="Any other parameter, e.g. --param presence_penalty=0.5 (repeatable).")
-@click.option("-c", "--concurrency", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Requests in flight at once.")
-@click.option("--rpm", type=click.FloatRange(min=0, min_open=True), default=600.0,
-              show_default=True, help="Requests per minute, paced evenly (RPM/60 per second).")
-@click.option("--max-attempts", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Attempts per row, first one included.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0,
-              show_default=True, help="Seconds to wait for one answer.")
-@click.option("--simulate", is_flag=True,
-              help="Run against the built-in simulator on a local port (no key needed).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress and no summary on stderr.")
-def run(**options: Any) -> None:
+@_run_options
+@click.pass_context
+def run(ctx: click.Context, **options: Any) -> None:
     """Answer every row of INPUT and write the table with the answers to OUTPUT.
+
+    Every finished row is journalled beside OUTPUT (OUTPUT.journal): run the same command
+    again after a crash or Ctrl-C and only the rows not yet answered are sent.
 
     \b
     Examples:
       batchgen run prompts.csv -o answers.parquet -m qwen-plus
       batchgen run reviews.parquet -o out.csv --template 'Sentiment of: {review}'
+      batchgen run --job jobs/nightly-summaries.toml
       batchgen run sample_data/prompts.csv -o out/answers.csv --simulate
 
     \b
-    Exit codes: 0 every row ok, 3 some rows failed, 1 the run stopped on a fatal
-    error (the output still lists every row), 2 bad usage or input (nothing sent).
+    Exit codes: 0 every row ok, 3 some rows failed, 1 stopped on a fatal error,
+    2 bad usage or input (nothing sent), 4 another run holds OUTPUT,
+    130/143 stopped by SIGINT/SIGTERM (resumable).
     """
-    from batchgen.commands import run_command
+    _dispatch(ctx, "run_command", options)
 
-    try:
-        code = run_command(**options)
-    except BatchgenError as err:
-        _fail(err)
-    sys.exit(code)
+
+@cli.command()
+@_run_options
+@click.pass_context
+def validate(ctx: click.Context, **options: Any) -> None:
+    """Check a run without sending anything: input, columns, template, parameters, key.
+
+    \b
+    Examples:
+      batchgen validate prompts.csv -o answers.csv --template 'Summarize: {text}'
+      batchgen validate --job jobs/nightly-summaries.toml
+
+    Exit code 0 when the run would start, 2 (with the reason) when it would not.
+    """
+    _dispatch(ctx, "validate_command", options)
 
 
 @cli.command()

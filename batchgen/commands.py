@@ -1,33 +1,44 @@
-"""What each CLI command does, as plain functions of already-parsed options (no click here)."""
+"""What each CLI command does, as plain functions of already-merged options (no click here)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import os
-import sys
-from collections.abc import Iterator
+import signal
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from batchgen.config import ENV_API_KEY, RunConfig, parse_param_options, resolve_base_url
-from batchgen.errors import UsageError
-from batchgen.progress import Progress, summary_line
+from batchgen.config import ENV_API_KEY, NO_KEY, RunConfig, parse_param_options, resolve_base_url
+from batchgen.errors import BatchgenError, UsageError
+from batchgen.journal import Journal, journal_path
+from batchgen.logs import event
+from batchgen.progress import JsonProgress, Progress, summary_line
 from batchgen.prompts import PromptSpec, check_columns
-from batchgen.runner import arun, check_collisions, exit_code
+from batchgen.protocol import ROUTE_PATHS
+from batchgen.runner import RunControl, RunResult, arun, check_collisions, exit_code
 from batchgen.tables import check_writable, format_of, read_table, write_table
+
+log = logging.getLogger("batchgen")
 
 # The demo simulator answers like a real endpoint: a little latency, no faults.
 SIMULATE_LATENCY = 0.2
 SIMULATE_JITTER = 0.1
 
 
-def _generation_parameters(options: dict[str, Any]) -> dict[str, Any]:
+def _generation_parameters(options: Mapping[str, Any]) -> dict[str, Any]:
     """Only what the user set, under DashScope's names; ``--param`` fills in the rest."""
-    parameters = parse_param_options(options["params"])
+    params = options["params"]
+    parameters = dict(params) if isinstance(params, Mapping) else parse_param_options(params)
     named = {
         "temperature": options["temperature"], "top_p": options["top_p"],
         "top_k": options["top_k"], "max_tokens": options["max_tokens"], "seed": options["seed"],
@@ -42,9 +53,10 @@ def _generation_parameters(options: dict[str, Any]) -> dict[str, Any]:
     return parameters
 
 
-def _check_id_column(frame: pl.DataFrame, column: str | None) -> None:
+def _row_keys(frame: pl.DataFrame, column: str | None) -> list[str] | None:
+    """The journal's row keys: the --id-column's values (checked unique), else row numbers."""
     if column is None:
-        return
+        return None
     if column not in frame.columns:
         raise UsageError(f"--id-column {column!r} is not in the input; its columns are: "
                          f"{', '.join(frame.columns)}")
@@ -56,15 +68,58 @@ def _check_id_column(frame: pl.DataFrame, column: str | None) -> None:
     if duplicated.len():
         raise UsageError(f"--id-column {column!r} is not unique (e.g. {duplicated[0]!r} appears "
                          f"{int((ids == duplicated[0]).sum())} times): pick a unique key column")
+    return ids.cast(pl.String).to_list()
+
+
+@dataclass
+class Prepared:
+    """Everything checked before a run: what ``validate`` reports and ``run`` uses."""
+
+    frame: pl.DataFrame
+    spec: PromptSpec
+    keys: list[str] | None
+    parameters: dict[str, Any]
+    output_format: str
+    options: dict[str, Any] = field(repr=False)
+
+
+def _prepare(options: dict[str, Any]) -> Prepared:
+    input_path: Path = options["input_path"]
+    output_path: Path = options["output_path"]
+    output_format = format_of(output_path, role="output")
+    if input_path.resolve() == output_path.resolve():
+        raise UsageError(f"the output {output_path} would overwrite the input: choose another name")
+    spec = PromptSpec(prompt_column=options["prompt_column"], template=options["template"],
+                      system=options["system_prompt"], system_column=options["system_column"],
+                      messages_column=options["messages_column"])
+    parameters = _generation_parameters(options)
+    frame = read_table(input_path, options["input_format"])
+    if options["limit"] is not None:
+        frame = frame.head(options["limit"])
+    check_columns(spec, frame.columns)
+    check_collisions(frame.columns)
+    keys = _row_keys(frame, options["id_column"])
+    if not options["simulate"] and not os.environ.get(ENV_API_KEY, "").strip():
+        raise UsageError(NO_KEY)
+    return Prepared(frame, spec, keys, parameters, output_format, options)
+
+
+def _config(prepared: Prepared, base_url: str, key: str) -> RunConfig:
+    o = prepared.options
+    return RunConfig(api_key=key, base_url=base_url, model=o["model"], route=o["endpoint"],
+                     workspace=o["workspace"] or None, parameters=prepared.parameters,
+                     concurrency=o["concurrency"], rpm=o["rpm"], max_attempts=o["max_attempts"],
+                     timeout=o["timeout"])
 
 
 @contextlib.contextmanager
-def _endpoint(simulate: bool, base_url: str | None, region: str | None) -> Iterator[tuple[str, str]]:
+def _endpoint(options: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     """The base URL and key to use: the user's, or a simulator started for this run."""
-    if not simulate:
-        yield resolve_base_url(base_url, region), os.environ.get(ENV_API_KEY, "")
+    if not options["simulate"]:
+        yield (resolve_base_url(options["base_url"], options["region"]),
+               os.environ.get(ENV_API_KEY, ""))
         return
-    if base_url:
+    if options["base_url"]:
         raise UsageError("--simulate runs against a local simulator; drop --base-url")
     from batchgen.simulator import SimulatorConfig, SimulatorThread
 
@@ -74,51 +129,162 @@ def _endpoint(simulate: bool, base_url: str | None, region: str | None) -> Itera
         yield simulator.base_url, sim_config.key
 
 
-def run_command(*, input_path: Path, output_path: Path, input_format: str | None,
-                prompt_column: str | None, template: str | None, system_prompt: str | None,
-                system_column: str | None, messages_column: str | None, id_column: str | None,
-                limit: int | None, model: str, endpoint: str | None, base_url: str | None,
-                region: str | None, workspace: str | None, concurrency: int, rpm: float,
-                max_attempts: int, timeout: float, simulate: bool, quiet: bool,
-                **generation: Any) -> int:
-    """``batchgen run``: check everything, answer every row, write the output; return the exit code."""
-    output_format = format_of(output_path, role="output")
-    if input_path.resolve() == output_path.resolve():
-        raise UsageError(f"the output {output_path} would overwrite the input: choose another name")
-    spec = PromptSpec(prompt_column=prompt_column, template=template, system=system_prompt,
-                      system_column=system_column, messages_column=messages_column)
-    parameters = _generation_parameters(generation)
-    frame = read_table(input_path, input_format)
-    if limit is not None:
-        frame = frame.head(limit)
-    check_columns(spec, frame.columns)
-    check_collisions(frame.columns)
-    _check_id_column(frame, id_column)
-    if not simulate and not os.environ.get(ENV_API_KEY, "").strip():
-        from batchgen.config import NO_KEY
+def validate_command(**options: Any) -> int:
+    """``batchgen validate``: every check ``run`` makes before sending, and nothing more."""
+    prepared = _prepare(options)
+    base_url = ("http://127.0.0.1:<free port>/api/v1" if options["simulate"]
+                else resolve_base_url(options["base_url"], options["region"]))
+    config = _config(prepared, "http://checked.invalid", "checked" if options["simulate"]
+                     else os.environ.get(ENV_API_KEY, ""))
+    output: Path = options["output_path"]
+    _check_output_folder(output)
+    sendable = prepared.frame.height
+    log.info("ok: %s rows of %s (columns: %s) would go to %s on %s%s; output %s",
+             f"{sendable:,}", options["input_path"], ", ".join(prepared.frame.columns),
+             config.model, base_url, ROUTE_PATHS[config.effective_route], output,
+             extra=event("validated", rows=sendable, model=config.model,
+                         route=config.effective_route, output=str(output)))
+    return 0
 
-        raise UsageError(NO_KEY)
 
-    with _endpoint(simulate, base_url, region) as (url, key):
-        config = RunConfig(api_key=key, base_url=url, model=model, route=endpoint,  # type: ignore[arg-type]
-                           workspace=workspace or None, parameters=parameters,
-                           concurrency=concurrency, rpm=rpm, max_attempts=max_attempts,
-                           timeout=timeout)
-        check_writable(output_path)
-        progress = None if quiet else Progress(sys.stderr)
-        result = asyncio.run(arun(frame, config, spec, progress=progress))
+def _check_output_folder(output: Path) -> None:
+    """The output's folder exists and is writable, or its nearest existing parent is."""
+    if output.is_dir():
+        raise UsageError(f"output {output} is a directory: give a file name, e.g. "
+                         f"{output}/answers.csv")
+    folder = output.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write the output {output}: {folder} is not writable")
 
-    target = output_path
-    if result.fatal is not None and output_path.exists():
-        # An aborted run's table is mostly "skipped": never let it replace earlier answers.
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        target = output_path.with_name(f"{output_path.stem}.aborted-{stamp}{output_path.suffix}")
-    write_table(result.frame, target, output_format)
+
+async def _run_with_signals(prepared: Prepared, config: RunConfig, journal: Journal,
+                            grace: float) -> RunResult:
+    """The run, with SIGINT/SIGTERM stopping it gracefully and a second signal at once."""
+    loop = asyncio.get_running_loop()
+    control = RunControl()
+
+    def on_signal(name: str) -> None:
+        if control.stopping:
+            log.warning("%s again: stopping now; the journal keeps every finished row", name,
+                        extra=event("stop_now", signal=name))
+            control.stop_now()
+            return
+        log.warning("%s: sending no more requests; letting those in flight finish (up to %gs); "
+                    "press Ctrl-C again to stop at once", name, grace,
+                    extra=event("stopping", signal=name, grace=grace))
+        control.stop(name, grace)
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    o = prepared.options
+    if o["quiet"]:
+        progress = None
+    elif o["log_format"] == "json":
+        progress = JsonProgress(log)
+    else:
+        progress = Progress()
+    try:
+        return await arun(prepared.frame, config, prepared.spec, keys=prepared.keys,
+                          journal=journal, retry_errors=o["retry_errors"], control=control,
+                          progress=progress)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+def run_command(**options: Any) -> int:
+    """``batchgen run``: check, lock, resume from the journal, answer, write; the exit code."""
+    started = datetime.now(UTC)
+    summary = RunSummary(options, started)
+    try:
+        code = _run(options, summary)
+    except BatchgenError as err:
+        summary.write(exit_code=err.exit_code, error=str(err))
+        raise
+    summary.write(exit_code=code)
+    return code
+
+
+def _run(options: dict[str, Any], summary: RunSummary) -> int:
+    prepared = _prepare(options)
+    output: Path = options["output_path"]
+    check_writable(output)
+    with Journal(journal_path(output)) as journal:
+        journal.lock(output)
+        if options["fresh"]:
+            journal.discard()
+        journal.open()
+        with _endpoint(options) as (url, key):
+            config = _config(prepared, url, key)
+            result = asyncio.run(_run_with_signals(prepared, config, journal, options["grace"]))
+        summary.result = result
+        target = output
+        if result.fatal is not None and output.exists():
+            # An aborted run's table is mostly "skipped": never let it replace earlier answers.
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+            target = output.with_name(f"{output.stem}.aborted-{stamp}{output.suffix}")
+        write_table(result.frame, target, prepared.output_format)  # type: ignore[arg-type]
+        summary.output = target
+    stats = result.stats
     if result.fatal is not None:
-        print(f"batchgen: error: {result.fatal}", file=sys.stderr)
-        if target != output_path:
-            print(f"batchgen: kept the existing {output_path}; this run's table is {target}",
-                  file=sys.stderr)
-    if not quiet:
-        print(f"batchgen: {summary_line(result.stats)} · wrote {target}", file=sys.stderr)
+        log.error("%s", result.fatal, extra=event("fatal", code=result.fatal.code,
+                                                  http_status=result.fatal.http_status))
+        if target != output:
+            log.warning("kept the existing %s; this run's table is %s", output, target)
+    if result.stopped is not None:
+        log.warning("stopped by %s: %s rows not answered are marked skipped; run the same "
+                    "command again to finish them (journal: %s)", result.stopped,
+                    f"{stats.skipped:,}", journal.path,
+                    extra=event("stopped", signal=result.stopped, skipped=stats.skipped))
+    log.info("%s · wrote %s", summary_line(stats), target,
+             extra=event("summary", **summary.counts(), output=str(target)))
     return exit_code(result)
+
+
+@dataclass
+class RunSummary:
+    """``--summary PATH``: the run as JSON, for cron wrappers and dashboards."""
+
+    options: dict[str, Any]
+    started: datetime
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    result: RunResult | None = None
+    output: Path | None = None
+
+    def counts(self) -> dict[str, Any]:
+        if self.result is None:
+            return {}
+        s = self.result.stats
+        return {"rows": {"total": s.total, "ok": s.ok, "error": s.error, "skipped": s.skipped,
+                         "resumed": s.resumed, "changed": s.changed},
+                "tokens": {"input": s.input_tokens, "output": s.output_tokens},
+                "attempts": s.attempts, "error_codes": dict(s.error_codes.most_common())}
+
+    def write(self, *, exit_code: int, error: str | None = None) -> None:
+        path = self.options.get("summary_path")
+        if path is None:
+            return
+        ended = datetime.now(UTC)
+        summary = {
+            "run_id": self.run_id, "job": self.options.get("job"),
+            "started_at": self.started.isoformat(), "ended_at": ended.isoformat(),
+            "duration_s": round((ended - self.started).total_seconds(), 3),
+            "input": str(self.options.get("input_path")),
+            "output": str(self.output or self.options.get("output_path")),
+            "model": self.options.get("model"), "exit_code": exit_code, "error": error,
+            "stopped_by": self.result.stopped if self.result else None,
+            **self.counts(),
+        }
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump(summary, f, indent=2, ensure_ascii=False)
+                f.write("\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("could not write the summary %s: %s", path, exc.strerror or exc)

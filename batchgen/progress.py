@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from typing import TextIO
 
+from batchgen.logs import event
 from batchgen.runner import RunStats
 
 BAR_WIDTH = 24
@@ -33,8 +35,8 @@ def _count(n: int) -> str:
 def status_line(stats: RunStats, *, bar: bool = False) -> str:
     """``123/1,000 rows (12%) · 9.8 rows/s · ETA 1m30s · tokens 1.2k in / 8.9k out · 2 errors``."""
     done, total = stats.done, stats.total
-    elapsed = max(stats.elapsed, 1e-9)
-    rate = done / elapsed
+    sent = done - stats.resumed  # rows taken from the journal say nothing about speed
+    rate = sent / max(stats.elapsed, 1e-9)
     remaining = total - done
     eta = _duration(remaining / rate) if rate > 0 and remaining else ("-" if remaining else "0s")
     share = done / total if total else 1.0
@@ -42,6 +44,8 @@ def status_line(stats: RunStats, *, bar: bool = False) -> str:
     if bar:
         filled = int(BAR_WIDTH * share)
         head = f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {head}"
+    if stats.resumed:
+        head += f" ({stats.resumed:,} resumed)"
     errors = f"{stats.error:,} error{'s' if stats.error != 1 else ''}"
     return (f"{head} · {rate:.1f} rows/s · ETA {eta} · tokens {_count(stats.input_tokens)} in / "
             f"{_count(stats.output_tokens)} out · {errors}")
@@ -57,8 +61,9 @@ def summary_line(stats: RunStats) -> str:
 class Progress:
     """An async callable for ``arun(progress=...)``: redraws until cancelled."""
 
-    def __init__(self, stream: TextIO = sys.stderr, *, live: bool | None = None,
+    def __init__(self, stream: TextIO | None = None, *, live: bool | None = None,
                  interval: float | None = None) -> None:
+        stream = stream or sys.stderr
         self.stream = stream
         self.live = stream.isatty() if live is None else live
         self.interval = interval if interval is not None else (0.25 if self.live else 5.0)
@@ -85,3 +90,19 @@ class Progress:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
             self._drawn = False
+
+
+class JsonProgress:
+    """``--log-format json``: a ``progress`` event every ``interval`` seconds, never a bar."""
+
+    def __init__(self, log: logging.Logger, interval: float = 5.0) -> None:
+        self.log = log
+        self.interval = interval
+
+    async def __call__(self, stats: RunStats) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.log.info("%s", status_line(stats), extra=event(
+                "progress", done=stats.done, total=stats.total, ok=stats.ok, error=stats.error,
+                resumed=stats.resumed, input_tokens=stats.input_tokens,
+                output_tokens=stats.output_tokens, elapsed_s=round(stats.elapsed, 1)))

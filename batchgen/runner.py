@@ -8,6 +8,7 @@ them. Rows are sent by an asyncio pool of ``concurrency`` workers, paced smoothl
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ from aiolimiter import AsyncLimiter
 from batchgen.client import Caller, CallOutcome, make_transport
 from batchgen.config import RunConfig
 from batchgen.errors import FatalAPIError, UsageError
+from batchgen.journal import Entry, Journal, request_hash
 from batchgen.prompts import PromptSpec, RowProblem, build_messages
 from batchgen.protocol import APIError, Disposition, build_body, fatal_hint
 
@@ -49,6 +51,8 @@ OUTPUT_SCHEMA: dict[str, pl.DataType] = {
 OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA)
 
 OK, ERROR, SKIPPED = "ok", "error", "skipped"
+
+log = logging.getLogger("batchgen")
 
 
 @dataclass(slots=True)
@@ -83,6 +87,8 @@ class RunStats:
     ok: int = 0
     error: int = 0
     skipped: int = 0
+    resumed: int = 0  # rows taken from the journal instead of being sent again
+    changed: int = 0  # journalled rows sent again because their request changed
     input_tokens: int = 0
     output_tokens: int = 0
     attempts: int = 0
@@ -97,7 +103,7 @@ class RunStats:
     def elapsed(self) -> float:
         return (self.finished or time.monotonic()) - self.started
 
-    def add(self, result: RowResult) -> None:
+    def add(self, result: RowResult, *, resumed: bool = False) -> None:
         if result.status == OK:
             self.ok += 1
         elif result.status == ERROR:
@@ -108,16 +114,57 @@ class RunStats:
             self.error_codes[result.error_code] += 1
         self.input_tokens += result.input_tokens or 0
         self.output_tokens += result.output_tokens or 0
-        self.attempts += result.attempts or 0
+        if resumed:
+            self.resumed += 1
+        else:
+            self.attempts += result.attempts or 0
+
+
+class RunControl:
+    """Stops a run from outside it: a signal handler, a budget, a notebook's cancel button.
+
+    ``stop`` ends dispatching: rows not yet sent, or waiting to be retried, become ``skipped``
+    while requests in flight may finish for ``grace`` seconds; ``stop_now`` (or the end of the
+    grace) cancels those too. Either way every row is in the output and nothing finished is lost.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._grace_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self.reason is not None
+
+    def stop(self, reason: str, grace: float | None = None) -> None:
+        if self.reason is None:
+            self.reason = reason
+        if grace is not None and self._grace_timer is None:
+            self._grace_timer = asyncio.get_running_loop().call_later(grace, self.stop_now)
+
+    def stop_now(self, reason: str | None = None) -> None:
+        self.stop(reason or "stopped")
+        for task in self._tasks:
+            task.cancel()
+
+    def _attach(self, tasks: list[asyncio.Task[None]]) -> None:
+        self._tasks = tasks
+
+    def _detach(self) -> None:
+        self._tasks = []
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
 
 
 @dataclass
 class RunResult:
-    """What a run produced: the output table, its counters, and the fatal error if it stopped."""
+    """What a run produced: the output table, its counters, and why it stopped early if it did."""
 
     frame: pl.DataFrame
     stats: RunStats
     fatal: FatalAPIError | None = None
+    stopped: str | None = None  # RunControl's reason, when the run was stopped from outside
 
 
 def check_collisions(columns: list[str]) -> None:
@@ -131,7 +178,8 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _result_of(outcome: CallOutcome, model: str) -> RowResult:
+def _result_of(outcome: CallOutcome, model: str) -> tuple[RowResult, bool]:
+    """The row's output columns, and whether that outcome is final (sending again would repeat it)."""
     if outcome.reply is not None:
         r = outcome.reply
         return RowResult(
@@ -140,24 +188,26 @@ def _result_of(outcome: CallOutcome, model: str) -> RowResult:
             output_tokens=r.output_tokens, total_tokens=r.total_tokens,
             cached_tokens=r.cached_tokens, reasoning_tokens=r.reasoning_tokens,
             http_status=outcome.http_status, attempts=outcome.attempts,
-            latency_ms=outcome.latency_ms, finished_at=_now())
+            latency_ms=outcome.latency_ms, finished_at=_now()), True
     error = outcome.error
     if error is None:  # the run stopped before this row's first attempt
-        return RowResult(status=SKIPPED, model=model, attempts=0)
+        return RowResult(status=SKIPPED, model=model, attempts=0), False
     message = error.message
+    final = False
     if outcome.gave_up:
         status = ERROR
         plural = "s" if outcome.attempts != 1 else ""
         message = f"gave up after {outcome.attempts} attempt{plural}: {message}"
     elif error.disposition is Disposition.RETRY:
-        status = SKIPPED  # interrupted between retries by a fatal error elsewhere
+        status = SKIPPED  # the run stopped while this row waited to be retried
         message = f"not finished, the run stopped; last attempt: {message}"
     else:
         status = ERROR
+        final = error.disposition is Disposition.ROW_ERROR
     return RowResult(status=status, model=model, request_id=error.request_id,
                      error_code=error.code, error_message=message,
                      http_status=outcome.http_status, attempts=outcome.attempts,
-                     latency_ms=outcome.latency_ms, finished_at=_now())
+                     latency_ms=outcome.latency_ms, finished_at=_now()), final
 
 
 def results_frame(results: list[RowResult]) -> pl.DataFrame:
@@ -165,70 +215,105 @@ def results_frame(results: list[RowResult]) -> pl.DataFrame:
     return pl.DataFrame(columns, schema=OUTPUT_SCHEMA)
 
 
+def _from_journal(entry: Entry) -> RowResult:
+    values = dict(entry.result)
+    if values.get("finished_at"):
+        values["finished_at"] = datetime.fromisoformat(values["finished_at"])
+    return RowResult(**{k: v for k, v in values.items() if k in RowResult.__dataclass_fields__})
+
+
 async def arun(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = PromptSpec(), *,
+               keys: list[str] | None = None,
+               journal: Journal | None = None,
+               retry_errors: bool = False,
+               control: RunControl | None = None,
                on_result: Callable[[int, RowResult], None] | None = None,
                progress: Callable[[RunStats], Awaitable[None]] | None = None,
                sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                transport: httpx.AsyncBaseTransport | None = None) -> RunResult:
     """Answer every row of ``frame``; never raises for API trouble, it reports it in ``RunResult``.
 
-    ``on_result(index, result)`` is called as each row finishes; ``progress(stats)`` runs as a
-    task for the length of the run and is cancelled at its end. ``transport`` replaces the
-    default aiohttp-backed httpx transport; the run closes it.
+    With a ``journal`` (opened, locked), rows it already holds for the same request are taken
+    from it instead of being sent (permanent row errors too, unless ``retry_errors``), and
+    every row that finishes is recorded in it at once; ``keys`` name the rows (default: the
+    row numbers). ``control`` stops the run from outside. ``on_result(index, result)`` is
+    called as each row finishes; ``progress(stats)`` runs as a task for the length of the run.
+    ``transport`` replaces the default aiohttp-backed httpx transport; the run closes it.
     """
     check_collisions(frame.columns)
     plan = build_messages(spec, frame)
     n = len(plan)
+    keys = keys if keys is not None else [str(i) for i in range(n)]
+    if len(keys) != n:
+        raise UsageError(f"{len(keys)} row keys for {n} rows")
+    control = control or RunControl()
+    previous = journal.load() if journal is not None else {}
     results: list[RowResult | None] = [None] * n
     stats = RunStats(total=n)
     fatal: list[APIError] = []
+    route = config.effective_route
 
-    def finish(index: int, result: RowResult) -> None:
+    def finish(index: int, result: RowResult, *, resumed: bool = False) -> None:
         results[index] = result
-        stats.add(result)
+        stats.add(result, resumed=resumed)
         if on_result is not None:
             on_result(index, result)
 
-    to_send: list[int] = []
+    to_send: list[tuple[int, dict[str, Any], str]] = []
     for index, item in enumerate(plan):
         if isinstance(item, RowProblem):
             finish(index, RowResult(status=ERROR, model=config.model, error_code=item.code,
                                     error_message=item.message, attempts=0, finished_at=_now()))
-        else:
-            to_send.append(index)
+            continue
+        body = build_body(config.model, item, config.parameters, route)
+        digest = request_hash(body)
+        entry = previous.get(keys[index])
+        if entry is not None and entry.request_hash == digest:
+            if entry.status == OK or (entry.final and not retry_errors):
+                finish(index, _from_journal(entry), resumed=True)
+                continue
+        elif entry is not None:
+            stats.changed += 1
+        to_send.append((index, body, digest))
+    if previous:
+        log.info("resumed: %s done, %s to go%s", f"{stats.resumed:,}", f"{len(to_send):,}",
+                 f" ({stats.changed:,} changed since the last run)" if stats.changed else "")
 
     # A leaky bucket one request deep: a request every 60/rpm seconds and never a burst, so no
     # 1-second window carries more than rpm/60 + 1 requests, the first second included.
     limiter = AsyncLimiter(1, 60.0 / config.rpm)
-    route = config.effective_route
     queue = iter(to_send)
 
     async with transport or make_transport(config) as http:
-        caller = Caller(config, http, acquire=limiter.acquire, aborted=lambda: bool(fatal),
-                        sleep=sleep)
+        caller = Caller(config, http, acquire=limiter.acquire,
+                        aborted=lambda: bool(fatal) or control.stopping, sleep=sleep)
 
         async def worker() -> None:
-            for index in queue:
-                if fatal:
-                    finish(index, RowResult(status=SKIPPED, model=config.model, attempts=0))
-                    continue
-                messages = plan[index]
-                assert not isinstance(messages, RowProblem)
-                body = build_body(config.model, messages, config.parameters, route)
+            for index, body, digest in queue:
+                if fatal or control.stopping:
+                    return  # the rows left become "skipped" below
                 outcome = await caller.call(body)
                 if outcome.error is not None and outcome.error.disposition is Disposition.FATAL:
                     fatal.append(outcome.error)
-                finish(index, _result_of(outcome, config.model))
+                result, final = _result_of(outcome, config.model)
+                if result.status != SKIPPED and journal is not None:
+                    journal.record(keys[index], digest, final, result)
+                finish(index, result)
 
         workers = [asyncio.create_task(worker())
                    for _ in range(min(config.concurrency, len(to_send)))]
-        tasks = [*workers, *([asyncio.create_task(progress(stats))] if progress else [])]
+        control._attach(workers)
+        reporter = [asyncio.create_task(progress(stats))] if progress else []
         try:
-            await asyncio.gather(*workers)
+            await asyncio.gather(*workers, return_exceptions=True)
         finally:
-            for task in tasks:
+            control._detach()
+            for task in [*workers, *reporter]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*workers, *reporter, return_exceptions=True)
+    for index, result in enumerate(results):
+        if result is None:  # never sent, or cancelled in flight: accounted for, not lost
+            finish(index, RowResult(status=SKIPPED, model=config.model, attempts=0))
     stats.finished = time.monotonic()
 
     frame_out = pl.concat([frame, results_frame(results)], how="horizontal")  # type: ignore[arg-type]
@@ -237,7 +322,7 @@ async def arun(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = Prompt
         first = fatal[0]
         error = FatalAPIError(f"stopped: {fatal_hint(first)}", code=first.code,
                               http_status=first.http_status)
-    result = RunResult(frame_out, stats, error)
+    result = RunResult(frame_out, stats, error, control.reason)
     if error is not None:
         error.result = result
     return result
@@ -270,11 +355,16 @@ async def arun_frame(frame: pl.DataFrame, config: RunConfig,
     return result.frame
 
 
+STOP_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+
 def exit_code(result: RunResult) -> int:
     if result.fatal is not None:
         return result.fatal.exit_code
+    if result.stopped is not None:
+        return STOP_EXIT_CODES.get(result.stopped, 1)
     return 0 if result.stats.error == 0 and result.stats.skipped == 0 else 3
 
 
-__all__ = ["OUTPUT_COLUMNS", "RowResult", "RunResult", "RunStats", "arun", "arun_frame",
-           "run", "run_frame"]
+__all__ = ["OUTPUT_COLUMNS", "RowResult", "RunControl", "RunResult", "RunStats", "arun",
+           "arun_frame", "run", "run_frame"]

@@ -16,7 +16,7 @@ ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
 
 
-@pytest.mark.parametrize("command", ["run", "simulate"])
+@pytest.mark.parametrize("command", ["run", "validate", "simulate"])
 def test_every_option_is_documented(command):
     params = cli.commands[command].params
     names = [opt for p in params if isinstance(p, click.Option) for opt in p.opts + p.secondary_opts]
@@ -29,7 +29,7 @@ def test_every_output_column_is_documented():
     assert [c for c in OUTPUT_COLUMNS if f"| `{c}` |" not in README] == []
 
 
-@pytest.mark.parametrize("code", [0, 1, 2, 3, 130])
+@pytest.mark.parametrize("code", [0, 1, 2, 3, 4, 130, 143])
 def test_exit_codes_are_documented(code):
     assert f"| {code} |" in README
 

@@ -1,0 +1,146 @@
+"""The run journal: every finished row, recorded durably the moment it finishes.
+
+A SQLite database in WAL mode beside the output (``answers.csv`` -> ``answers.csv.journal``).
+Each finished row is one committed transaction holding the row key, a hash of the exact
+request (model, route, messages, parameters) and the row's output columns, so a run killed
+at any instant, even with ``kill -9``, loses at most the requests that were in flight. The
+next run of the same command reads it back: rows already answered for the same request are
+not sent (or paid for) again, and the output is rebuilt from it.
+
+``synchronous=NORMAL`` makes a commit a write to the WAL without an fsync: it survives the
+process dying at any point, which is the failure that matters here; only a power cut can lose
+the last rows' records (and then costs a re-send, never a wrong row).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from batchgen.errors import BatchgenError
+
+EXIT_LOCKED = 4
+SCHEMA_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rows (
+    key TEXT PRIMARY KEY,
+    request_hash TEXT NOT NULL,
+    status TEXT NOT NULL,
+    final INTEGER NOT NULL,
+    result TEXT NOT NULL
+);
+"""
+
+
+class LockedError(BatchgenError):
+    """Another batchgen run is writing the same output."""
+
+    exit_code = EXIT_LOCKED
+
+
+def journal_path(output: str | os.PathLike[str]) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".journal")
+
+
+def request_hash(body: Mapping[str, Any]) -> str:
+    """A stable digest of what a request asks for; any change to it means a new request."""
+    canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A journalled row: the request it answered and its output columns."""
+
+    request_hash: str
+    status: str
+    final: bool  # a permanent outcome: ok, or an error sending it again would repeat
+    result: dict[str, Any]
+
+
+def _encode(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+class Journal:
+    """One run's view of the journal: a held lock, a connection, and per-row commits."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+        self._db: sqlite3.Connection | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def lock(self, output: str | os.PathLike[str]) -> None:
+        """Take the output's lock or fail at once: overlapping cron runs must not interleave."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_file = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise LockedError(f"another batchgen run (pid {holder}) is writing {output}: wait for "
+                              "it to finish, or give this run another -o") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def open(self) -> None:
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+
+    def discard(self) -> None:
+        """``--fresh``: forget every recorded row (the lock is already held)."""
+        self.close_db()
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.path}{suffix}")
+
+    def close_db(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def close(self) -> None:
+        self.close_db()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- rows ------------------------------------------------------------------------------
+    def load(self) -> dict[str, Entry]:
+        assert self._db is not None
+        return {key: Entry(h, status, bool(final), json.loads(result))
+                for key, h, status, final, result in self._db.execute(
+                    "SELECT key, request_hash, status, final, result FROM rows")}
+
+    def record(self, key: str, digest: str, final: bool, result: Any) -> None:
+        """Commit one finished row (``result`` is a RowResult); returns once it is in the WAL."""
+        assert self._db is not None
+        columns = {name: _encode(value) for name, value in asdict(result).items()}
+        self._db.execute("INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?, ?)",
+                         (key, digest, result.status, int(final),
+                          json.dumps(columns, ensure_ascii=False)))

@@ -1,0 +1,254 @@
+"""Durable runs: the journal, resume, kill -9, signals, the lock.
+
+The crash tests run batchgen as a real subprocess against a simulator in this process, so
+the simulator outlives the client and counts every request it received, re-sends included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import KEY, invoke, write_prompts
+
+from batchgen.journal import Journal, journal_path
+
+ROWS = 120
+
+
+def start_run(sim, source: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "DASHSCOPE_HTTP_BASE_URL": sim.base_url, "DASHSCOPE_API_KEY": KEY}
+    return subprocess.Popen(
+        [sys.executable, "-m", "batchgen.cli", "run", str(source), "-o", str(out), "--id-column",
+         "id", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def journalled(out: Path) -> int:
+    path = journal_path(out)
+    if not path.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1) as db:
+            return db.execute("SELECT count(*) FROM rows").fetchone()[0]
+    except sqlite3.OperationalError:  # the schema is not there yet
+        return 0
+
+
+def wait_for_rows(out: Path, at_least: int, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 30
+    while journalled(out) < at_least:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.02)
+
+
+def served_per_prompt(sim) -> int:
+    return len(sim.stats.served)
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_kill_9_then_resume_sends_only_what_was_in_flight(simulator, tmp_path, attempt):
+    sim = simulator(latency=0.05, jitter=0.04)
+    source = write_prompts(tmp_path / "in.csv", [f"Prompt {i}: explain item {i}." for i in range(ROWS)])
+    out = tmp_path / "out.parquet"
+    concurrency = 8
+
+    process = start_run(sim, source, out, "-c", str(concurrency), "--rpm", "60000")
+    wait_for_rows(out, 20 + 25 * attempt, process)  # kill at a different point each time
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=10)
+    assert not out.exists()  # killed before writing: nothing half-written
+    done_before = journalled(out)
+    served_before = sim.stats.requests
+
+    result = invoke(["run", str(source), "-o", str(out), "--id-column", "id", "-c",
+                     str(concurrency), "--rpm", "60000"], sim)
+
+    assert result.exit_code == 0, result.stderr
+    frame = pl.read_parquet(out)
+    assert frame["id"].to_list() == [f"r{i:03d}" for i in range(ROWS)]  # each row once, in order
+    assert set(frame["status"]) == {"ok"}
+    assert frame["request_id"].n_unique() == ROWS
+    resent = sim.stats.requests - ROWS  # every request beyond one per row is a re-send
+    assert 0 <= resent <= concurrency
+    assert served_before - done_before <= concurrency  # in flight at the kill
+    assert f"resumed: {done_before:,} done, {ROWS - done_before:,} to go" in result.stderr
+    print(f"kill -9 after {done_before} rows: {resent} request(s) sent again")
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_gracefully_and_the_run_resumes(simulator, tmp_path, sig, code):
+    sim = simulator(latency=0.3)
+    source = write_prompts(tmp_path / "in.csv", [f"p{i}" for i in range(60)])
+    out = tmp_path / "out.csv"
+
+    process = start_run(sim, source, out, "-c", "4", "--rpm", "60000")
+    wait_for_rows(out, 8, process)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=20)
+
+    assert process.returncode == code
+    assert "Traceback" not in stderr
+    assert f"stopped by {sig.name}" in stderr and "run the same command again" in stderr
+    frame = pl.read_csv(out)
+    assert frame.height == 60
+    done = int((frame["status"] == "ok").sum())
+    assert done >= 8 and (frame["status"] == "skipped").sum() == 60 - done
+    assert journalled(out) == done  # in-flight requests finished and were recorded
+    assert sim.stats.requests == done  # none was abandoned mid-way
+
+    again = invoke(["run", str(source), "-o", str(out), "--id-column", "id", "-c", "8",
+                    "--rpm", "60000"], sim)
+    assert again.exit_code == 0
+    assert sim.stats.requests == 60
+    assert set(pl.read_csv(out)["status"]) == {"ok"}
+
+
+def test_a_second_ctrl_c_stops_at_once_with_the_journal_intact(simulator, tmp_path):
+    sim = simulator(latency=2.0)
+    source = write_prompts(tmp_path / "in.csv", [f"p{i}" for i in range(20)])
+    out = tmp_path / "out.csv"
+
+    process = start_run(sim, source, out, "-c", "4", "--rpm", "60000", "--grace", "60")
+    deadline = time.monotonic() + 10
+    while sim.stats.requests < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=20)
+
+    assert time.monotonic() - started < 1.5  # did not wait out the 2 s answers
+    assert process.returncode == 130
+    assert "stopping now" in stderr and "Traceback" not in stderr
+    assert set(pl.read_csv(out)["status"]) == {"skipped"}
+    with sqlite3.connect(journal_path(out)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_a_second_run_on_the_same_output_exits_4_touching_nothing(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["a", "b"])
+    out = tmp_path / "out.csv"
+    out.write_text("earlier\n")
+
+    with Journal(journal_path(out)) as holder:
+        holder.lock(out)
+        result = invoke(["run", str(source), "-o", str(out)], sim)
+
+    assert result.exit_code == 4
+    assert result.stderr == (f"batchgen: error: another batchgen run (pid {os.getpid()}) is "
+                             f"writing {out}: wait for it to finish, or give this run another -o\n")
+    assert out.read_text() == "earlier\n"
+    assert sim.stats.requests == 0
+    assert not journal_path(out).exists()
+
+
+def test_changed_rows_are_sent_again_and_counted(simulator, tmp_path):
+    sim = simulator()
+    prompts = [f"question {i}" for i in range(10)]
+    source = write_prompts(tmp_path / "in.csv", prompts)
+    out = tmp_path / "out.csv"
+    args = ["run", str(source), "-o", str(out), "--id-column", "id", "--rpm", "60000"]
+    assert invoke(args, sim).exit_code == 0
+
+    again = invoke(args, sim)  # nothing changed: nothing is sent
+    assert again.exit_code == 0 and sim.stats.requests == 10
+    assert "resumed: 10 done, 0 to go" in again.stderr
+
+    prompts[2], prompts[7] = "a new question", "another one"
+    write_prompts(source, prompts)
+    changed = invoke(args, sim)
+    assert changed.exit_code == 0
+    assert sim.stats.requests == 12
+    assert "resumed: 8 done, 2 to go (2 changed since the last run)" in changed.stderr
+    frame = pl.read_csv(out)
+    assert frame["reply"][2].startswith('Qwen (simulated) on "a new question"')
+
+    model = invoke([*args, "--temperature", "0.3"], sim)  # a parameter is part of the request
+    assert model.exit_code == 0 and sim.stats.requests == 22
+
+
+def test_retryable_errors_are_retried_on_resume_permanent_ones_kept(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["fine", "[sim:DataInspectionFailed] x",
+                                                 "[sim:InternalError] y"])
+    out = tmp_path / "out.csv"
+    args = ["run", str(source), "-o", str(out), "--max-attempts", "1", "--rpm", "60000"]
+    assert invoke(args, sim).exit_code == 3
+    assert sim.stats.requests == 3
+
+    assert invoke(args, sim).exit_code == 3
+    assert sim.stats.requests == 4  # only the gave-up row went again
+
+    assert invoke([*args, "--retry-errors"], sim).exit_code == 3
+    assert sim.stats.requests == 6  # and now the moderated one too
+
+    assert invoke([*args, "--fresh"], sim).exit_code == 3
+    assert sim.stats.requests == 9
+
+
+def test_rows_of_a_fatal_run_are_sent_again_once_fixed(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["a", "b", "c"])
+    out = tmp_path / "out.csv"
+    args = ["run", str(source), "-o", str(out), "-c", "1", "--rpm", "60000"]
+    assert invoke(args, sim, key="sk-wrong").exit_code == 1
+    fixed = invoke(args, sim)
+    assert fixed.exit_code == 0
+    assert set(pl.read_csv(out)["status"]) == {"ok"}
+
+
+def test_output_is_rebuilt_from_the_journal(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["a", "b"])
+    out = tmp_path / "out.jsonl"
+    args = ["run", str(source), "-o", str(out)]
+    assert invoke(args, sim).exit_code == 0
+    first = pl.read_ndjson(out)
+    out.unlink()  # e.g. the process died while writing it
+
+    assert invoke(args, sim).exit_code == 0
+    assert sim.stats.requests == 2
+    rebuilt = pl.read_ndjson(out)
+    assert rebuilt.equals(first)
+
+
+def test_summary_json_and_json_logs(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["a", "[sim:DataInspectionFailed] b", "c"])
+    out = tmp_path / "out.csv"
+    summary = tmp_path / "reports" / "summary.json"
+
+    result = invoke(["run", str(source), "-o", str(out), "--summary", str(summary),
+                     "--log-format", "json", "--rpm", "60000"], sim)
+
+    assert result.exit_code == 3
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert lines[-1]["event"] == "summary" and lines[-1]["rows"]["ok"] == 2
+    data = json.loads(summary.read_text())
+    assert data["exit_code"] == 3 and data["rows"] == {
+        "total": 3, "ok": 2, "error": 1, "skipped": 0, "resumed": 0, "changed": 0}
+    assert data["error_codes"] == {"DataInspectionFailed": 1}
+    assert data["tokens"]["input"] > 0 and data["attempts"] == 3
+    assert data["output"] == str(out) and data["job"] is None
+    assert data["started_at"] <= data["ended_at"]
+
+
+def test_summary_is_written_for_a_run_that_could_not_start(tmp_path):
+    summary = tmp_path / "summary.json"
+    result = invoke(["run", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "o.csv"),
+                     "--summary", str(summary)])
+    assert result.exit_code == 2
+    data = json.loads(summary.read_text())
+    assert data["exit_code"] == 2 and "input file not found" in data["error"]
