@@ -253,11 +253,16 @@ def simulate(host: str, port: int, key: str | None, **knobs: Any) -> None:
 
 
 def main() -> None:
+    """The console script: click's handling, except that Ctrl-C exits 130 as documented."""
     try:
-        cli(standalone_mode=True)
-    except KeyboardInterrupt:
+        code = cli.main(standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("batchgen: interrupted", err=True)
         sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

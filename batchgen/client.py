@@ -27,6 +27,9 @@ BACKOFF_MAX = 8.0
 BACKOFF_JITTER = 0.25
 
 
+_INTERRUPT = "batchgen: the run stopped"
+
+
 class TransientError(Exception):
     """An attempt failed in a way that may pass; tenacity retries exactly these."""
 
@@ -91,9 +94,18 @@ def make_transport(config: RunConfig, *, backend: str = "aiohttp") -> httpx.Asyn
                           max_keepalive_connections=config.concurrency)
     if backend == "httpx":
         return httpx.AsyncHTTPTransport(limits=limits)
+    import aiohttp
     from httpx_aiohttp import AiohttpTransport
 
-    return AiohttpTransport(limits=limits)
+    def session() -> aiohttp.ClientSession:
+        # trust_env: honour HTTPS_PROXY / NO_PROXY like httpx would (the transport's own
+        # session ignores them); SSL_CERT_FILE is honoured through httpx's SSL context.
+        connector = aiohttp.TCPConnector(limit=config.concurrency,
+                                         keepalive_timeout=limits.keepalive_expiry,
+                                         ssl=httpx.create_ssl_context(trust_env=True))
+        return aiohttp.ClientSession(connector=connector, trust_env=True)
+
+    return AiohttpTransport(limits=limits, client=session)
 
 
 class Caller:
@@ -122,6 +134,34 @@ class Caller:
         self._acquire = acquire
         self._aborted = aborted
         self._sleep = sleep
+        self._waiting: set[asyncio.Task[Any]] = set()
+
+    def interrupt(self) -> None:
+        """The run stopped: end every pacing or backoff wait now, not when its slot comes."""
+        for task in list(self._waiting):
+            task.cancel(_INTERRUPT)
+
+    async def _hold(self, waiting: Awaitable[Any]) -> None:
+        """Await a pacing slot or a backoff sleep that ``interrupt`` can cut short."""
+        if self._aborted():
+            raise Aborted
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting.add(task)
+        try:
+            await waiting
+        except asyncio.CancelledError as exc:
+            if exc.args != (_INTERRUPT,):
+                raise
+            task.uncancel()
+            raise Aborted from None
+        finally:
+            self._waiting.discard(task)
+        if self._aborted():
+            raise Aborted
+
+    async def _backoff(self, seconds: float) -> None:
+        await self._hold(self._sleep(seconds))
 
     async def _post(self, content: bytes) -> tuple[int, httpx.Headers, bytes]:
         request = httpx.Request("POST", self.url, headers=self.headers, content=content,
@@ -133,10 +173,9 @@ class Caller:
             await response.aclose()
         return response.status_code, response.headers, raw
 
-    async def _attempt(self, content: bytes) -> tuple[Reply | APIError, float]:
-        await self._acquire()
-        if self._aborted():
-            raise Aborted
+    async def _attempt(self, content: bytes, tries: _Tries) -> tuple[Reply | APIError, float]:
+        await self._hold(self._acquire())
+        tries.attempts += 1
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.config.timeout):
@@ -146,17 +185,17 @@ class Caller:
             return APIError(None, "batchgen.Timeout",
                             f"no answer within --timeout {self.config.timeout:g} s", None,
                             Disposition.RETRY), elapsed
-        except httpx.HTTPError as exc:
+        except Exception as exc:  # httpx's errors, and whatever the transport lets through
             elapsed = (time.perf_counter() - started) * 1000
-            detail = str(exc) or type(exc).__name__
-            return APIError(None, "batchgen.ConnectionError", f"{type(exc).__name__}: {detail}",
+            cause = exc.__cause__ or exc  # httpx-aiohttp maps a refused connection to ConnectTimeout
+            detail = str(cause) or type(cause).__name__
+            return APIError(None, "batchgen.ConnectionError", f"{type(cause).__name__}: {detail}",
                             None, Disposition.RETRY), elapsed
         elapsed = (time.perf_counter() - started) * 1000
         return interpret(status, headers, raw), elapsed
 
     async def _try(self, content: bytes, tries: _Tries) -> None:
-        tries.attempts += 1
-        tries.last = await self._attempt(content)
+        tries.last = await self._attempt(content, tries)
         result = tries.last[0]
         if isinstance(result, APIError) and result.disposition is Disposition.RETRY:
             raise TransientError(result)
@@ -165,10 +204,10 @@ class Caller:
         """Attempts 2 to ``max_attempts``, under tenacity, once the first failed transiently."""
         if self.config.max_attempts == 1 or self._aborted():
             raise first
-        await self._sleep(backoff_seconds(1, first.error.retry_after))
+        await self._backoff(backoff_seconds(1, first.error.retry_after))
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.config.max_attempts - 1) | _stop_when(self._aborted),
-            wait=_wait, retry=retry_if_exception_type(TransientError), sleep=self._sleep,
+            wait=_wait, retry=retry_if_exception_type(TransientError), sleep=self._backoff,
             reraise=True)
         async for attempt in retrying:
             with attempt:
@@ -192,7 +231,6 @@ class Caller:
             return CallOutcome(None, exc.error, tries.attempts, tries.last[1],
                                exc.error.http_status, gave_up=not self._aborted())
         except Aborted:
-            tries.attempts -= 1  # the attempt that found the run stopped sent nothing
             if tries.last is None:
                 return CallOutcome(None, None, tries.attempts, None, None)
             error = tries.last[0]

@@ -26,7 +26,13 @@ from batchgen.progress import JsonProgress, Progress, summary_line
 from batchgen.prompts import PromptSpec, check_columns
 from batchgen.protocol import ROUTE_PATHS
 from batchgen.runner import RunControl, RunResult, arun, check_collisions, exit_code
-from batchgen.tables import check_writable, format_of, read_table, write_table
+from batchgen.tables import (
+    check_writable,
+    format_of,
+    read_jsonl_column,
+    read_table,
+    write_table,
+)
 
 log = logging.getLogger("batchgen")
 
@@ -78,6 +84,7 @@ class Prepared:
     frame: pl.DataFrame
     spec: PromptSpec
     keys: list[str] | None
+    raw_messages: list[Any] | None
     parameters: dict[str, Any]
     output_format: str
     options: dict[str, Any] = field(repr=False)
@@ -93,15 +100,20 @@ def _prepare(options: dict[str, Any]) -> Prepared:
                       system=options["system_prompt"], system_column=options["system_column"],
                       messages_column=options["messages_column"])
     parameters = _generation_parameters(options)
-    frame = read_table(input_path, options["input_format"])
+    input_format = format_of(input_path, options["input_format"], role="input")
+    frame = read_table(input_path, input_format)
+    raw_messages = None
+    if input_format == "jsonl" and spec.messages_column in frame.columns:
+        raw_messages = read_jsonl_column(input_path, spec.messages_column)
     if options["limit"] is not None:
         frame = frame.head(options["limit"])
-    check_columns(spec, frame.columns)
+        raw_messages = raw_messages[:options["limit"]] if raw_messages is not None else None
+    check_columns(spec, frame.columns, frame.schema)
     check_collisions(frame.columns)
     keys = _row_keys(frame, options["id_column"])
     if not options["simulate"] and not os.environ.get(ENV_API_KEY, "").strip():
         raise UsageError(NO_KEY)
-    return Prepared(frame, spec, keys, parameters, output_format, options)
+    return Prepared(frame, spec, keys, raw_messages, parameters, output_format, options)
 
 
 def _config(prepared: Prepared, base_url: str, key: str) -> RunConfig:
@@ -188,6 +200,7 @@ async def _run_with_signals(prepared: Prepared, config: RunConfig, journal: Jour
         progress = Progress()
     try:
         return await arun(prepared.frame, config, prepared.spec, keys=prepared.keys,
+                          raw_messages=prepared.raw_messages,
                           journal=journal, retry_errors=o["retry_errors"], control=control,
                           progress=progress)
     finally:
@@ -222,18 +235,25 @@ def _run(options: dict[str, Any], summary: RunSummary) -> int:
             result = asyncio.run(_run_with_signals(prepared, config, journal, options["grace"]))
         summary.result = result
         target = output
-        if result.fatal is not None and output.exists():
-            # An aborted run's table is mostly "skipped": never let it replace earlier answers.
+        finished = result.fatal is None and result.stopped is None and result.stats.ok > 0
+        if output.exists() and not finished:
+            # A stopped, refused or all-failed run never replaces earlier answers.
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-            target = output.with_name(f"{output.stem}.aborted-{stamp}{output.suffix}")
-        write_table(result.frame, target, prepared.output_format)  # type: ignore[arg-type]
+            target = output.with_name(f"{output.stem}.partial-{stamp}{output.suffix}")
+        try:
+            write_table(result.frame, target, prepared.output_format)  # type: ignore[arg-type]
+        except (OSError, pl.exceptions.PolarsError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+            raise BatchgenError(f"could not write {target} ({reason}); every answer is kept in "
+                                f"{journal.path}: fix that and run the same command again to "
+                                "write it (nothing is sent twice)") from None
         summary.output = target
     stats = result.stats
     if result.fatal is not None:
         log.error("%s", result.fatal, extra=event("fatal", code=result.fatal.code,
                                                   http_status=result.fatal.http_status))
-        if target != output:
-            log.warning("kept the existing %s; this run's table is %s", output, target)
+    if target != output:
+        log.warning("kept the existing %s; this run's table is %s", output, target)
     if result.stopped is not None:
         log.warning("stopped by %s: %s rows not answered are marked skipped; run the same "
                     "command again to finish them (journal: %s)", result.stopped,

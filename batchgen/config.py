@@ -49,6 +49,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.api_key or not self.api_key.strip():
             raise UsageError(NO_KEY)
+        if not all(33 <= ord(c) < 127 for c in self.api_key.strip()):
+            # A pasted curly quote or newline; never echo the key itself.
+            raise UsageError(f"{ENV_API_KEY} holds characters no API key has (spaces, quotes "
+                             "from a word processor, non-ASCII, control characters): copy it "
+                             "again from the Model Studio console")
         if not self.model:
             raise UsageError("the model name is empty: pass -m/--model, e.g. -m qwen-plus")
         if self.concurrency < 1:

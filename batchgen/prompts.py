@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,7 @@ class PromptSpec:
             parsed = list(string.Formatter().parse(self.template))
         except ValueError as exc:
             raise UsageError(f"--template is malformed ({exc}); write fields as {{column}} and "
-                             "literal braces as {{{{ and }}}}") from None
+                             "literal braces as {{ and }}") from None
         fields = []
         for _, name, _, _ in parsed:
             if name is None:
@@ -75,9 +75,19 @@ class PromptSpec:
         return columns
 
 
-def check_columns(spec: PromptSpec, columns: Sequence[str]) -> None:
-    """Fail early, listing what the table has, when the spec names a column it lacks."""
+def check_columns(spec: PromptSpec, columns: Sequence[str],
+                  schema: Mapping[str, pl.DataType] | None = None) -> None:
+    """Fail early, listing what the table has, when the spec names a column it lacks.
+
+    With ``schema``, also refuse text columns that hold lists or structs (a messages column
+    may: Parquet stores conversations that way).
+    """
     have = set(columns)
+    for column in spec.required_columns():
+        dtype = (schema or {}).get(column)
+        if dtype is not None and dtype.is_nested() and column != spec.messages_column:
+            raise UsageError(f"column {column!r} holds {dtype}, not text: choose a text column "
+                             "or build the prompt with --template")
     listing = ", ".join(columns)
     for column in spec.required_columns():
         if column in have:
@@ -115,17 +125,31 @@ def _parse_messages(cell: Any) -> list[dict[str, Any]] | RowProblem:
     if not isinstance(value, list) or not value:
         return RowProblem(BAD_MESSAGES, "the messages cell must be a non-empty JSON array of "
                                         '{"role": ..., "content": ...} objects')
+    messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or message.get("role") not in ROLES \
                 or not isinstance(message.get("content"), str | list):
             return RowProblem(BAD_MESSAGES, f"message {i} needs a role (system, user, assistant "
                                             "or tool) and a content")
-    return value
+        # Typed storage (Parquet structs) gives every message every field, unset ones as null.
+        message = {k: v for k, v in message.items() if v is not None}
+        if isinstance(message["content"], list):
+            message["content"] = [{k: v for k, v in part.items() if v is not None}
+                                  if isinstance(part, dict) else part
+                                  for part in message["content"]]
+        messages.append(message)
+    return messages
 
 
-def build_messages(spec: PromptSpec, frame: pl.DataFrame) -> list[list[dict[str, Any]] | RowProblem]:
-    """One message list (or the reason it cannot be sent) per row, in row order."""
-    check_columns(spec, frame.columns)
+def build_messages(spec: PromptSpec, frame: pl.DataFrame,
+                   raw_messages: Sequence[Any] | None = None,
+                   ) -> list[list[dict[str, Any]] | RowProblem]:
+    """One message list (or the reason it cannot be sent) per row, in row order.
+
+    ``raw_messages`` are the messages cells exactly as the file held them, for formats where
+    reading into a typed column would change them (JSONL: see ``tables.read_jsonl_column``).
+    """
+    check_columns(spec, frame.columns, frame.schema)
     n = frame.height
     if spec.system_column:
         systems: list[Any] = frame.get_column(spec.system_column).cast(pl.String).to_list()
@@ -134,8 +158,9 @@ def build_messages(spec: PromptSpec, frame: pl.DataFrame) -> list[list[dict[str,
 
     out: list[list[dict[str, Any]] | RowProblem] = []
     if spec.messages_column:
-        for cell, system in zip(frame.get_column(spec.messages_column).to_list(), systems,
-                                strict=True):
+        cells = (raw_messages if raw_messages is not None
+                 else frame.get_column(spec.messages_column).to_list())
+        for cell, system in zip(cells, systems, strict=True):
             messages = _parse_messages(cell)
             if isinstance(messages, list) and system and messages[0].get("role") != "system":
                 messages = [{"role": "system", "content": system}, *messages]
@@ -155,7 +180,7 @@ def build_messages(spec: PromptSpec, frame: pl.DataFrame) -> list[list[dict[str,
             else:
                 try:
                     prompts.append(spec.template.format_map(values))
-                except (ValueError, TypeError) as exc:
+                except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
                     raise UsageError(f"--template cannot be filled from row {i}: {exc}") from None
     else:
         column = spec.prompt_column or "prompt"

@@ -106,37 +106,49 @@ def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def parse_reply(body: Mapping[str, Any], request_id: str | None = None) -> Reply:
     """Flatten a 200 body. Every usage sub-object may be missing, so each is read defensively."""
-    output = body.get("output") or {}
-    choices = output.get("choices") or []
-    choice = choices[0] if choices and isinstance(choices[0], dict) else {}
-    message = choice.get("message") or {}
+    output = _dict(body.get("output"))
+    choices = output.get("choices")
+    choice = _dict(choices[0]) if isinstance(choices, list) and choices else {}
+    message = _dict(choice.get("message"))
     content = _text_of(message.get("content"))
     if content is None and isinstance(output.get("text"), str):  # result_format "text" replies
         content = output["text"]
     finish = choice.get("finish_reason", output.get("finish_reason"))
     if finish == "null":  # streamed chunks carry the string "null" until the last one
         finish = None
-    usage = body.get("usage") or {}
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    output_details = usage.get("output_tokens_details") or {}
+    usage = _dict(body.get("usage"))
+    prompt_details = _dict(usage.get("prompt_tokens_details"))
+    output_details = _dict(usage.get("output_tokens_details"))
     input_tokens = _int_or_none(usage.get("input_tokens"))
     output_tokens = _int_or_none(usage.get("output_tokens"))
     total = _int_or_none(usage.get("total_tokens"))
     if total is None and input_tokens is not None and output_tokens is not None:
         total = input_tokens + output_tokens
+    request = body.get("request_id")
     return Reply(
         content=content,
         reasoning=_text_of(message.get("reasoning_content")) or None,
         finish_reason=finish if isinstance(finish, str) else None,
-        request_id=body.get("request_id") or request_id,
+        request_id=request if isinstance(request, str) and request else request_id,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         total_tokens=total,
         cached_tokens=_int_or_none(prompt_details.get("cached_tokens")),
         reasoning_tokens=_int_or_none(output_details.get("reasoning_tokens")),
     )
+
+
+def _has_answer(body: Mapping[str, Any]) -> bool:
+    """A reply body has ``output.choices`` (a list) or ``output.text``; anything else is garbage."""
+    output = body.get("output")
+    return isinstance(output, dict) and (isinstance(output.get("choices"), list)
+                                         or isinstance(output.get("text"), str))
 
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -156,7 +168,8 @@ def classify(http_status: int | None, code: str, message: str) -> Disposition:
     lowered = message.lower()
     if (code in _FATAL_CODES or code.startswith("AccessDenied")
             or "free allocated quota exceeded" in lowered
-            or "model not exist" in lowered or "url error" in lowered):
+            or "model not exist" in lowered or "url error" in lowered
+            or "only support stream" in lowered):
         return Disposition.FATAL
     if http_status in (401, 403, 404):
         return Disposition.FATAL
@@ -197,7 +210,12 @@ def interpret(http_status: int, headers: Mapping[str, str], raw: bytes) -> Reply
     request_id = body.get("request_id") or header_id
     code = body.get("code")
     if http_status == 200 and not code:
-        return parse_reply(body, header_id)
+        if _has_answer(body):
+            return parse_reply(body, header_id)
+        return APIError(http_status, "batchgen.BadResponse",
+                        f"HTTP 200 without output.choices: {raw[:120].decode('utf-8', 'replace')}",
+                        request_id if isinstance(request_id, str) else header_id,
+                        Disposition.RETRY, _retry_after(headers))
     code = str(code) if code else f"HTTP{http_status}"
     message = str(body.get("message") or "")
     return APIError(http_status, code, message, request_id, classify(http_status, code, message),
@@ -206,6 +224,8 @@ def interpret(http_status: int, headers: Mapping[str, str], raw: bytes) -> Reply
 
 # One line per fatal cause: what happened and what the user can do about it.
 _FATAL_HINTS: tuple[tuple[str, str], ...] = (
+    ("batchgen.Unreachable", "the service cannot be reached: check --base-url / --region, the "
+                             "network and any proxy (HTTPS_PROXY, NO_PROXY)"),
     ("InvalidApiKey", "DashScope rejected the API key: check DASHSCOPE_API_KEY, and that the key "
                       "belongs to the region of the base URL (--region / --base-url)"),
     ("Arrearage", "the Alibaba Cloud account is overdue: top up the account, then re-run"),
@@ -217,6 +237,8 @@ _FATAL_HINTS: tuple[tuple[str, str], ...] = (
                      "--workspace / DASHSCOPE_WORKSPACE_ID, or buy access in the console"),
     ("url error", "the model is not served on this route: qwen3.5+/VL/omni models need "
                   "--endpoint multimodal, text models --endpoint text"),
+    ("only support stream", "this model or mode answers only streamed calls, which batchgen "
+                            "does not make yet: drop --enable-thinking or pick another model"),
     ("model not exist", "no such model in this region: check -m/--model and --region"),
     ("Model.NotExist", "no such model in this region: check -m/--model and --region"),
     ("ModelNotFound", "no such model in this region: check -m/--model and --region"),

@@ -132,6 +132,7 @@ class RunControl:
         self.reason: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._grace_timer: asyncio.TimerHandle | None = None
+        self._interrupt: Callable[[], None] | None = None
 
     @property
     def stopping(self) -> bool:
@@ -140,6 +141,8 @@ class RunControl:
     def stop(self, reason: str, grace: float | None = None) -> None:
         if self.reason is None:
             self.reason = reason
+        if self._interrupt is not None:
+            self._interrupt()  # rows waiting for a pacing slot or a retry give up their turn now
         if grace is not None and self._grace_timer is None:
             self._grace_timer = asyncio.get_running_loop().call_later(grace, self.stop_now)
 
@@ -148,11 +151,13 @@ class RunControl:
         for task in self._tasks:
             task.cancel()
 
-    def _attach(self, tasks: list[asyncio.Task[None]]) -> None:
+    def _attach(self, tasks: list[asyncio.Task[None]], interrupt: Callable[[], None]) -> None:
         self._tasks = tasks
+        self._interrupt = interrupt
 
     def _detach(self) -> None:
         self._tasks = []
+        self._interrupt = None
         if self._grace_timer is not None:
             self._grace_timer.cancel()
 
@@ -215,6 +220,19 @@ def results_frame(results: list[RowResult]) -> pl.DataFrame:
     return pl.DataFrame(columns, schema=OUTPUT_SCHEMA)
 
 
+UNREACHABLE_CODES = frozenset({"batchgen.ConnectionError", "batchgen.Timeout"})
+UNREACHABLE_ROWS = 5
+
+
+def _unreachable(config: RunConfig, outcome: CallOutcome) -> APIError:
+    """Rows one after another exhausting every attempt without a connection: stop paying time."""
+    assert outcome.error is not None
+    return APIError(None, "batchgen.Unreachable",
+                    f"{UNREACHABLE_ROWS} rows in a row got no answer from {config.base_url} in "
+                    f"{outcome.attempts} attempts each; last: {outcome.error.message}",
+                    None, Disposition.FATAL)
+
+
 def _from_journal(entry: Entry) -> RowResult:
     values = dict(entry.result)
     if values.get("finished_at"):
@@ -224,6 +242,7 @@ def _from_journal(entry: Entry) -> RowResult:
 
 async def arun(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = PromptSpec(), *,
                keys: list[str] | None = None,
+               raw_messages: list[Any] | None = None,
                journal: Journal | None = None,
                retry_errors: bool = False,
                control: RunControl | None = None,
@@ -236,12 +255,13 @@ async def arun(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = Prompt
     With a ``journal`` (opened, locked), rows it already holds for the same request are taken
     from it instead of being sent (permanent row errors too, unless ``retry_errors``), and
     every row that finishes is recorded in it at once; ``keys`` name the rows (default: the
-    row numbers). ``control`` stops the run from outside. ``on_result(index, result)`` is
+    row numbers). ``raw_messages`` are the messages cells as the file held them (JSONL).
+    ``control`` stops the run from outside. ``on_result(index, result)`` is
     called as each row finishes; ``progress(stats)`` runs as a task for the length of the run.
     ``transport`` replaces the default aiohttp-backed httpx transport; the run closes it.
     """
     check_collisions(frame.columns)
-    plan = build_messages(spec, frame)
+    plan = build_messages(spec, frame, raw_messages)
     n = len(plan)
     keys = keys if keys is not None else [str(i) for i in range(n)]
     if len(keys) != n:
@@ -251,6 +271,7 @@ async def arun(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = Prompt
     results: list[RowResult | None] = [None] * n
     stats = RunStats(total=n)
     fatal: list[APIError] = []
+    unreachable: list[APIError] = []  # rows in a row that never reached the service
     route = config.effective_route
 
     def finish(index: int, result: RowResult, *, resumed: bool = False) -> None:
@@ -292,9 +313,25 @@ async def arun(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = Prompt
             for index, body, digest in queue:
                 if fatal or control.stopping:
                     return  # the rows left become "skipped" below
-                outcome = await caller.call(body)
+                try:
+                    outcome = await caller.call(body)
+                except Exception as exc:  # a bug here must cost one row, not the run's answers
+                    log.exception("unexpected error on row %s", keys[index])
+                    outcome = CallOutcome(None, APIError(None, "batchgen.InternalError",
+                                                         f"{type(exc).__name__}: {exc}", None,
+                                                         Disposition.RETRY), 0, None, None,
+                                          gave_up=True)
+                if outcome.reply is not None:
+                    unreachable.clear()
+                elif outcome.gave_up and outcome.error is not None \
+                        and outcome.error.code in UNREACHABLE_CODES:
+                    unreachable.append(outcome.error)
+                    if len(unreachable) == UNREACHABLE_ROWS:
+                        fatal.append(_unreachable(config, outcome))
                 if outcome.error is not None and outcome.error.disposition is Disposition.FATAL:
                     fatal.append(outcome.error)
+                if fatal:
+                    caller.interrupt()
                 result, final = _result_of(outcome, config.model)
                 if result.status != SKIPPED and journal is not None:
                     journal.record(keys[index], digest, final, result)
@@ -302,7 +339,7 @@ async def arun(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = Prompt
 
         workers = [asyncio.create_task(worker())
                    for _ in range(min(config.concurrency, len(to_send)))]
-        control._attach(workers)
+        control._attach(workers, caller.interrupt)
         reporter = [asyncio.create_task(progress(stats))] if progress else []
         try:
             await asyncio.gather(*workers, return_exceptions=True)

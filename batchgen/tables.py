@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import polars as pl
 
@@ -100,6 +100,20 @@ def read_table(path: str | os.PathLike[str], fmt: str | None = None) -> pl.DataF
     return frame
 
 
+def read_jsonl_column(path: str | os.PathLike[str], column: str) -> list[Any]:
+    """One column of a JSONL file exactly as written, one value per non-blank line.
+
+    polars unifies the shapes of nested values across rows (adding null fields, turning a
+    list in one row and a string in another into text); a conversation must be sent as written.
+    """
+    values = []
+    with Path(path).open("rb") as f:
+        for line in f:
+            if line.strip():
+                values.append(json.loads(line).get(column))
+    return values
+
+
 def _read_error(path: Path, fmt: str, exc: Exception) -> UsageError:
     if fmt == "csv":
         offset = _first_bad_utf8(path)
@@ -129,13 +143,43 @@ def check_writable(path: str | os.PathLike[str]) -> None:
         raise UsageError(f"cannot write the output {path}: {exc.strerror or exc}") from None
 
 
+def _flatten_for_text(frame: pl.DataFrame, fmt: Format) -> pl.DataFrame:
+    """CSV holds no lists, structs or bytes (JSONL no bytes): write them as JSON / base64 text."""
+    columns = []
+    for name, dtype in frame.schema.items():
+        column = frame.get_column(name)
+        if dtype == pl.Binary:
+            column = column.bin.encode("base64")
+        elif fmt == "csv" and isinstance(dtype, pl.Struct):
+            column = frame.select(pl.col(name).struct.json_encode()).to_series()
+        elif fmt == "csv" and isinstance(dtype, pl.List | pl.Array):
+            column = pl.Series(name, [None if v is None else json.dumps(v, ensure_ascii=False,
+                                                                         default=str)
+                                      for v in column.to_list()], dtype=pl.String)
+        columns.append(column)
+    return pl.DataFrame(columns)
+
+
+def _new_file_mode(path: Path) -> int:
+    """Keep an existing output's permissions; a new one gets the usual 0666 less the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def write_table(frame: pl.DataFrame, path: str | os.PathLike[str], fmt: Format | None = None) -> None:
     """Write ``frame`` atomically: temporary file, fsync, rename over ``path``."""
     path = Path(path)
     fmt = fmt or format_of(path, role="output")
+    if fmt != "parquet":
+        frame = _flatten_for_text(frame, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _new_file_mode(path))  # mkstemp makes it 0600; readers downstream need more
         with os.fdopen(fd, "wb") as f:
             if fmt == "csv":
                 frame.write_csv(f)

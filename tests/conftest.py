@@ -18,7 +18,8 @@ KEY = "sk-test-0123456789abcdef"
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test sees the developer's DashScope settings, and each works in its own folder."""
-    for var in ENV_VARS:
+    for var in (*ENV_VARS, "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy",
+                "https_proxy", "all_proxy"):  # the simulator is on loopback
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
 

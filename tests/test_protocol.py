@@ -181,3 +181,22 @@ def test_body_has_three_keys_and_multimodal_wraps_every_message():
         {"role": "system", "content": [{"text": "Be brief."}]},
         {"role": "user", "content": [{"text": "Hi"}]}]
     assert messages[0]["content"] == "Be brief."  # the caller's list is not modified
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"output": "oops"}', b'{"output": {"choices": "x"}}', b'{"request_id": "r"}',
+    b'{"output": {"choices": [{"message": "hi"}]}, "usage": "none"}',
+], ids=["output-str", "choices-str", "no-output", "message-str"])
+def test_odd_200_bodies_never_crash(raw):
+    result = interpret(200, {}, raw)
+    if isinstance(result, APIError):
+        assert result.code == "batchgen.BadResponse" and result.disposition is Disposition.RETRY
+    else:  # a list of choices whose message is not an object: parsed as an empty answer
+        assert result.content is None and result.input_tokens is None
+
+
+def test_stream_only_models_stop_the_run_with_a_hint():
+    error = interpret(400, {}, b'{"code":"InvalidParameter","message":'
+                               b'"parameter.enable_thinking only support stream call"}')
+    assert error.disposition is Disposition.FATAL
+    assert "--enable-thinking" in fatal_hint(error)

@@ -150,7 +150,7 @@ def test_a_failed_run_never_clobbers_an_existing_output(simulator, tmp_path):
 
     assert result.exit_code == 1
     assert out.read_text() == "yesterday's answers\n"
-    kept = sorted(tmp_path.glob("out.aborted-*.csv"))
+    kept = sorted(tmp_path.glob("out.partial-*.csv"))
     assert len(kept) == 1 and str(kept[0].name) in result.stderr
     assert pl.read_csv(kept[0]).height == 2
 
@@ -292,4 +292,6 @@ def test_library_returns_the_output_frame(simulator):
     with pytest.raises(batchgen.FatalAPIError) as caught:
         batchgen.run_frame(frame, batchgen.RunConfig(api_key="sk-bad", base_url=sim.base_url))
     assert caught.value.result.frame.height == 2
-    assert "sk-bad" not in repr(config) and KEY not in repr(config)
+    bad = batchgen.RunConfig(api_key="sk-bad-key-123", base_url=sim.base_url)
+    assert "sk-bad-key-123" not in repr(bad) and KEY not in repr(config)
+    assert "sk-bad" not in str(caught.value)
