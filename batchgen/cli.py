@@ -74,6 +74,12 @@ def _run_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="On resume, send rows that failed permanently last time again too."),
         click.option("--fresh", is_flag=True,
                      help="Ignore and replace the journal: answer every row again."),
+        click.option("--dry-run", is_flag=True,
+                     help="Count tokens and estimate cost and time; send and write nothing."),
+        click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), metavar="USD",
+                     help="Stop sending before this run could spend more than USD (exit 5)."),
+        click.option("--prices", "prices_path", type=click.Path(dir_okay=False),
+                     help="A price file merged over the built-in table.  [env: BATCHGEN_PRICES]"),
         click.option("--simulate", is_flag=True,
                      help="Run against the built-in simulator on a local port (no key needed)."),
         click.option("--summary", "summary_path", type=click.Path(path_type=Path),
@@ -188,8 +194,8 @@ def run(ctx: click.Context, **options: Any) -> None:
 
     \b
     Exit codes: 0 every row ok, 3 some rows failed, 1 stopped on a fatal error,
-    2 bad usage or input (nothing sent), 4 another run holds OUTPUT,
-    130/143 stopped by SIGINT/SIGTERM (resumable).
+    2 bad usage or input (nothing sent), 4 another run holds OUTPUT, 5 stopped by
+    --max-cost, 130/143 stopped by SIGINT/SIGTERM (all three resumable).
     """
     _dispatch(ctx, "run_command", options)
 
@@ -208,6 +214,38 @@ def validate(ctx: click.Context, **options: Any) -> None:
     Exit code 0 when the run would start, 2 (with the reason) when it would not.
     """
     _dispatch(ctx, "validate_command", options)
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@click.option("--by", default="model", show_default=True, metavar="KEYS",
+              help="Group by these, comma-separated: model, day, status, finish_reason, job.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]),
+              default="table", show_default=True, help="Report format.")
+@click.option("--prices", "prices_path", type=click.Path(dir_okay=False),
+              help="A price file merged over the built-in table.  [env: BATCHGEN_PRICES]")
+@click.option("--region", type=click.Choice(["intl", "us", "cn", "hk"]),
+              help="Price region.  [default: the one the run recorded, else intl]")
+def cost(files: tuple[str, ...], by: str, fmt: str, prices_path: str | None,
+         region: str | None) -> None:
+    """Report tokens and cost of batchgen output files (CSV, Parquet, JSONL; globs work).
+
+    \b
+    Examples:
+      batchgen cost out/answers.csv
+      batchgen cost 'out/*.parquet' --by day,model --format markdown
+      batchgen cost out/run.jsonl --format json > cost.json
+    """
+    from batchgen import commands
+    from batchgen.logs import setup_logging
+
+    log = setup_logging("text")
+    try:
+        commands.cost_command(files=list(files), by=by, fmt=fmt, prices_path=prices_path,
+                              region=region)
+    except BatchgenError as err:
+        log.error("%s", err)
+        sys.exit(err.exit_code)
 
 
 @cli.command()

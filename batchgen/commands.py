@@ -13,15 +13,19 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from batchgen import __version__
+from batchgen.budget import DEFAULT_OUTPUT_ASSUMPTION, Budget, count_input_tokens, thinks
 from batchgen.config import ENV_API_KEY, NO_KEY, RunConfig, parse_param_options, resolve_base_url
 from batchgen.errors import BatchgenError, UsageError
 from batchgen.journal import Journal, journal_path
 from batchgen.logs import event
+from batchgen.pricing import PriceTable, load_prices, region_of
 from batchgen.progress import JsonProgress, Progress, summary_line
 from batchgen.prompts import PromptSpec, check_columns
 from batchgen.protocol import ROUTE_PATHS
@@ -172,7 +176,8 @@ def _check_output_folder(output: Path) -> None:
 
 
 async def _run_with_signals(prepared: Prepared, config: RunConfig, journal: Journal,
-                            grace: float) -> RunResult:
+                            grace: float, prices: PriceTable | None,
+                            budget: Budget | None) -> RunResult:
     """The run, with SIGINT/SIGTERM stopping it gracefully and a second signal at once."""
     loop = asyncio.get_running_loop()
     control = RunControl()
@@ -202,7 +207,7 @@ async def _run_with_signals(prepared: Prepared, config: RunConfig, journal: Jour
         return await arun(prepared.frame, config, prepared.spec, keys=prepared.keys,
                           raw_messages=prepared.raw_messages,
                           journal=journal, retry_errors=o["retry_errors"], control=control,
-                          progress=progress)
+                          prices=prices, budget=budget, progress=progress)
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
@@ -221,8 +226,38 @@ def run_command(**options: Any) -> int:
     return code
 
 
+def _prices(options: Mapping[str, Any]) -> PriceTable | None:
+    """The price table for the run's region; None (no costs shown) if it has none and none is needed."""
+    region = ("intl" if options["simulate"]
+              else options["region"] or region_of(resolve_base_url(options["base_url"], None)))
+    try:
+        return load_prices(options["prices_path"], region=region)
+    except UsageError:
+        if options["prices_path"] or options["max_cost"] is not None:
+            raise
+        return None
+
+
+def _budget(options: Mapping[str, Any], prices: PriceTable | None,
+            parameters: Mapping[str, Any]) -> Budget | None:
+    if options["max_cost"] is None:
+        return None
+    model = options["model"]
+    price = prices.lookup(model) if prices is not None else None
+    if prices is None or price is None:
+        where = prices.describe() if prices is not None else "the price table"
+        raise UsageError(f"--max-cost needs the price of {model}, which {where} does not have: "
+                         "add it with --prices FILE")
+    return Budget(Decimal(str(options["max_cost"])), price, prices,
+                  max_tokens=parameters.get("max_tokens"), thinking=thinks(model, parameters))
+
+
 def _run(options: dict[str, Any], summary: RunSummary) -> int:
     prepared = _prepare(options)
+    prices = _prices(options)
+    budget = _budget(options, prices, prepared.parameters)
+    if options["dry_run"]:
+        return _dry_run(prepared, prices)
     output: Path = options["output_path"]
     check_writable(output)
     with Journal(journal_path(output)) as journal:
@@ -232,7 +267,8 @@ def _run(options: dict[str, Any], summary: RunSummary) -> int:
         journal.open()
         with _endpoint(options) as (url, key):
             config = _config(prepared, url, key)
-            result = asyncio.run(_run_with_signals(prepared, config, journal, options["grace"]))
+            result = asyncio.run(_run_with_signals(prepared, config, journal, options["grace"],
+                                                   prices, budget))
         summary.result = result
         target = output
         finished = result.fatal is None and result.stopped is None and result.stats.ok > 0
@@ -241,7 +277,12 @@ def _run(options: dict[str, Any], summary: RunSummary) -> int:
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
             target = output.with_name(f"{output.stem}.partial-{stamp}{output.suffix}")
         try:
-            write_table(result.frame, target, prepared.output_format)  # type: ignore[arg-type]
+            metadata = {"batchgen_version": __version__, "run_id": summary.run_id,
+                        "model": config.model, "job": options.get("job") or "",
+                        "region": prices.region if prices else "",
+                        "prices_version": prices.version if prices else ""}
+            write_table(result.frame, target, prepared.output_format,  # type: ignore[arg-type]
+                        metadata=metadata)
         except (OSError, pl.exceptions.PolarsError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
             raise BatchgenError(f"could not write {target} ({reason}); every answer is kept in "
@@ -254,7 +295,13 @@ def _run(options: dict[str, Any], summary: RunSummary) -> int:
                                                   http_status=result.fatal.http_status))
     if target != output:
         log.warning("kept the existing %s; this run's table is %s", output, target)
-    if result.stopped is not None:
+    if result.stopped == "budget" and budget is not None:
+        log.warning("stopped by --max-cost: spent $%s of $%s; %s rows not sent are marked "
+                    "skipped; run the same command with a higher --max-cost to continue",
+                    f"{budget.spent:.4f}", options["max_cost"], f"{stats.skipped:,}",
+                    extra=event("stopped", reason="budget", spent_usd=str(budget.spent),
+                                skipped=stats.skipped))
+    elif result.stopped is not None:
         log.warning("stopped by %s: %s rows not answered are marked skipped; run the same "
                     "command again to finish them (journal: %s)", result.stopped,
                     f"{stats.skipped:,}", journal.path,
@@ -281,6 +328,8 @@ class RunSummary:
         return {"rows": {"total": s.total, "ok": s.ok, "error": s.error, "skipped": s.skipped,
                          "resumed": s.resumed, "changed": s.changed},
                 "tokens": {"input": s.input_tokens, "output": s.output_tokens},
+                "cost": {"spent_usd": str(s.spent), "total_usd": str(s.cost),
+                         "unpriced_rows": s.unpriced_rows} if s.priced else None,
                 "attempts": s.attempts, "error_codes": dict(s.error_codes.most_common())}
 
     def write(self, *, exit_code: int, error: str | None = None) -> None:
@@ -308,3 +357,115 @@ class RunSummary:
             os.replace(tmp, path)
         except OSError as exc:
             log.warning("could not write the summary %s: %s", path, exc.strerror or exc)
+
+
+def cost_command(*, files: list[str], by: str, fmt: str, prices_path: str | None,
+                 region: str | None) -> None:
+    """``batchgen cost``: the report on stdout; which price table and any mismatch on stderr."""
+    from batchgen.costs import GROUPS, build_report, expand, render
+    from batchgen.pricing import load_prices
+    from batchgen.tables import read_metadata
+
+    keys = tuple(k.strip() for k in by.split(",") if k.strip())
+    unknown = [k for k in keys if k not in GROUPS]
+    if unknown or not keys:
+        raise UsageError(f"--by {by!r}: group by one or more of {', '.join(GROUPS)}")
+    paths = expand(files)
+    recorded = [read_metadata(p) for p in paths]
+    region = region or next((m["region"] for m in recorded if m.get("region")), "intl")
+    prices = load_prices(prices_path, region=region)
+    for path, meta in zip(paths, recorded, strict=True):
+        version = meta.get("prices_version")
+        if version and version != prices.version:
+            log.warning("%s was run with price table %s; this report applies %s", path,
+                        version, prices.version)
+    report = build_report([str(p) for p in paths], prices, keys)
+    print(render(report, fmt))
+
+
+def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
+    """``run --dry-run``: what the run would send, cost and take; nothing is sent or written."""
+    from batchgen.journal import request_hash
+    from batchgen.prompts import RowProblem, build_messages
+    from batchgen.protocol import build_body, route_for_model
+
+    o = prepared.options
+    model = o["model"]
+    route = o["endpoint"] or route_for_model(model)
+    plan = build_messages(prepared.spec, prepared.frame, prepared.raw_messages)
+    keys = prepared.keys or [str(i) for i in range(len(plan))]
+    previous = _journal_read_only(journal_path(o["output_path"]))
+    counts: list[int] = []
+    empty = resumed = 0
+    for key, messages in zip(keys, plan, strict=True):
+        if isinstance(messages, RowProblem):
+            empty += 1
+            continue
+        entry = previous.get(key)
+        body = build_body(model, messages, prepared.parameters, route)  # type: ignore[arg-type]
+        if entry is not None and entry.request_hash == request_hash(body) and \
+                (entry.status == "ok" or (entry.final and not o["retry_errors"])):
+            resumed += 1
+            continue
+        counts.append(count_input_tokens(model, body["input"]["messages"]))
+    n = len(counts)
+    price = prices.lookup(model) if prices is not None else None
+    max_tokens = prepared.parameters.get("max_tokens")
+    typical = max_tokens or DEFAULT_OUTPUT_ASSUMPTION
+    most = max_tokens or (price.max_output_tokens if price else None)
+    thinking = thinks(model, prepared.parameters) is not False
+    lines = [
+        f"dry run: {n:,} of {prepared.frame.height:,} rows would be sent to {model} ({route} "
+        f"route); {resumed:,} already answered in the journal, {empty:,} empty (never sent)",
+        f"input tokens: {sum(counts):,} counted with the Qwen tokenizer "
+        f"({(sum(counts) / n if n else 0):,.0f} a row on average, {max(counts, default=0):,} at most)",
+        f"output tokens: assumed {typical:,} a row "
+        + (f"(--max-tokens {max_tokens:,})" if max_tokens else
+           f"(no --max-tokens: a stated default; replies may run to {most:,})" if most else
+           "(no --max-tokens: a stated default)"),
+    ]
+    if price is None:
+        where = prices.describe() if prices is not None else "no price table for this region"
+        lines.append(f"estimated cost: unpriced: {model} has no price in {where} "
+                     "(add it with --prices FILE)")
+    else:
+        def total(output: int, think: bool) -> Decimal:
+            return sum((price.cost(input_tokens=c, output_tokens=output, thinking=think)
+                        for c in counts), Decimal(0))
+
+        low = total(0, False)
+        expected = total(typical, thinks(model, prepared.parameters) is True)
+        high = total(most or typical, thinking)
+        lines.append(f"estimated cost: ${expected:.4f} (range ${low:.4f} with empty replies "
+                     f"to ${high:.4f} with every reply at {most or typical:,} tokens"
+                     f"{', thinking' if thinking and any(t.output_thinking for t in price.tiers) else ''})")
+        lines.append(f"prices: {prices.describe()}")  # type: ignore[union-attr]
+    seconds = n * 60 / o["rpm"]
+    lines.append(f"time: at least {_human_seconds(seconds)} at --rpm {o['rpm']:g} "
+                 f"({n:,} requests, {o['concurrency']} at a time)")
+    print("\n".join(lines))
+    return 0
+
+
+def _human_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _journal_read_only(path: Path) -> dict[str, Any]:
+    """A journal's rows without locking or creating anything (for --dry-run)."""
+    if not path.exists():
+        return {}
+    import sqlite3
+
+    from batchgen.journal import Entry
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return {k: Entry(h, st, bool(f), {}) for k, h, st, f in db.execute(
+                "SELECT key, request_hash, status, final FROM rows")}
+    except sqlite3.Error:
+        return {}

@@ -48,14 +48,21 @@ def status_line(stats: RunStats, *, bar: bool = False) -> str:
         head += f" ({stats.resumed:,} resumed)"
     errors = f"{stats.error:,} error{'s' if stats.error != 1 else ''}"
     return (f"{head} · {rate:.1f} rows/s · ETA {eta} · tokens {_count(stats.input_tokens)} in / "
-            f"{_count(stats.output_tokens)} out · {errors}")
+            f"{_count(stats.output_tokens)} out{_cost(stats)} · {errors}")
+
+
+def _cost(stats: RunStats) -> str:
+    if not stats.priced:
+        return ""
+    unpriced = f" + {stats.unpriced_rows:,} unpriced rows" if stats.unpriced_rows else ""
+    return f" · ${stats.spent:.4f} spent{unpriced}"
 
 
 def summary_line(stats: RunStats) -> str:
     """The one line printed at the end of every run."""
     return (f"{stats.total:,} rows: {stats.ok:,} ok, {stats.error:,} error, "
             f"{stats.skipped:,} skipped · tokens in {stats.input_tokens:,}, out "
-            f"{stats.output_tokens:,} · {stats.elapsed:.1f}s")
+            f"{stats.output_tokens:,}{_cost(stats)} · {stats.elapsed:.1f}s")
 
 
 class Progress:
@@ -105,4 +112,5 @@ class JsonProgress:
             self.log.info("%s", status_line(stats), extra=event(
                 "progress", done=stats.done, total=stats.total, ok=stats.ok, error=stats.error,
                 resumed=stats.resumed, input_tokens=stats.input_tokens,
-                output_tokens=stats.output_tokens, elapsed_s=round(stats.elapsed, 1)))
+                output_tokens=stats.output_tokens, elapsed_s=round(stats.elapsed, 1),
+                spent_usd=str(stats.spent) if stats.priced else None))

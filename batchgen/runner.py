@@ -14,15 +14,18 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
 from aiolimiter import AsyncLimiter
 
+from batchgen.budget import Budget, row_cost
 from batchgen.client import Caller, CallOutcome, make_transport
 from batchgen.config import RunConfig
 from batchgen.errors import FatalAPIError, UsageError
 from batchgen.journal import Entry, Journal, request_hash
+from batchgen.pricing import PriceTable
 from batchgen.prompts import PromptSpec, RowProblem, build_messages
 from batchgen.protocol import APIError, Disposition, build_body, fatal_hint
 
@@ -94,6 +97,10 @@ class RunStats:
     attempts: int = 0
     error_codes: Counter[str] = field(default_factory=Counter)
     finished: float | None = None
+    spent: Decimal = Decimal(0)  # cost of the rows this run answered (priced models)
+    cost: Decimal = Decimal(0)  # cost of every row in the output, resumed ones included
+    unpriced_rows: int = 0  # rows with usage whose model has no price
+    priced: bool = False  # whether a price table was given at all
 
     @property
     def done(self) -> int:
@@ -102,6 +109,14 @@ class RunStats:
     @property
     def elapsed(self) -> float:
         return (self.finished or time.monotonic()) - self.started
+
+    def add_cost(self, cost: Decimal | None, *, resumed: bool) -> None:
+        if cost is None:
+            self.unpriced_rows += 1
+            return
+        self.cost += cost
+        if not resumed:
+            self.spent += cost
 
     def add(self, result: RowResult, *, resumed: bool = False) -> None:
         if result.status == OK:
@@ -246,6 +261,8 @@ async def arun(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = Prompt
                journal: Journal | None = None,
                retry_errors: bool = False,
                control: RunControl | None = None,
+               prices: PriceTable | None = None,
+               budget: Budget | None = None,
                on_result: Callable[[int, RowResult], None] | None = None,
                progress: Callable[[RunStats], Awaitable[None]] | None = None,
                sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -256,8 +273,10 @@ async def arun(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = Prompt
     from it instead of being sent (permanent row errors too, unless ``retry_errors``), and
     every row that finishes is recorded in it at once; ``keys`` name the rows (default: the
     row numbers). ``raw_messages`` are the messages cells as the file held them (JSONL).
-    ``control`` stops the run from outside. ``on_result(index, result)`` is
-    called as each row finishes; ``progress(stats)`` runs as a task for the length of the run.
+    ``control`` stops the run from outside. With ``prices`` the stats carry the cost so far;
+    a ``budget`` stops dispatching (reason ``"budget"``) before it could be overspent.
+    ``on_result(index, result)`` is called as each row finishes; ``progress(stats)`` runs as a
+    task for the length of the run.
     ``transport`` replaces the default aiohttp-backed httpx transport; the run closes it.
     """
     check_collisions(frame.columns)
@@ -274,11 +293,20 @@ async def arun(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = Prompt
     unreachable: list[APIError] = []  # rows in a row that never reached the service
     route = config.effective_route
 
-    def finish(index: int, result: RowResult, *, resumed: bool = False) -> None:
+    model_price = prices.lookup(config.model) if prices is not None else None
+    stats.priced = prices is not None
+
+    def finish(index: int, result: RowResult, *, resumed: bool = False) -> Decimal | None:
         results[index] = result
         stats.add(result, resumed=resumed)
+        cost = None
+        if prices is not None and result.status != SKIPPED:
+            price = model_price if result.model == config.model else prices.lookup(result.model or "")
+            cost = row_cost(price, result, prices.cached_ratio)
+            stats.add_cost(cost, resumed=resumed)
         if on_result is not None:
             on_result(index, result)
+        return cost
 
     to_send: list[tuple[int, dict[str, Any], str]] = []
     for index, item in enumerate(plan):
@@ -313,6 +341,12 @@ async def arun(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = Prompt
             for index, body, digest in queue:
                 if fatal or control.stopping:
                     return  # the rows left become "skipped" below
+                worst = Decimal(0)
+                if budget is not None:
+                    worst = budget.worst_case(config.model, body["input"]["messages"])
+                    if not await budget.reserve(worst):
+                        control.stop("budget")
+                        return
                 try:
                     outcome = await caller.call(body)
                 except Exception as exc:  # a bug here must cost one row, not the run's answers
@@ -335,7 +369,9 @@ async def arun(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = Prompt
                 result, final = _result_of(outcome, config.model)
                 if result.status != SKIPPED and journal is not None:
                     journal.record(keys[index], digest, final, result)
-                finish(index, result)
+                cost = finish(index, result)
+                if budget is not None:
+                    await budget.settle(worst, cost)
 
         workers = [asyncio.create_task(worker())
                    for _ in range(min(config.concurrency, len(to_send)))]
@@ -392,7 +428,7 @@ async def arun_frame(frame: pl.DataFrame, config: RunConfig,
     return result.frame
 
 
-STOP_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+STOP_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "budget": 5}
 
 
 def exit_code(result: RunResult) -> int:

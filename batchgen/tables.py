@@ -170,23 +170,31 @@ def _new_file_mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def write_table(frame: pl.DataFrame, path: str | os.PathLike[str], fmt: Format | None = None) -> None:
-    """Write ``frame`` atomically: temporary file, fsync, rename over ``path``."""
+def metadata_path(path: str | os.PathLike[str]) -> Path:
+    """The sidecar that carries a CSV or JSONL output's metadata (Parquet keeps it inside)."""
     path = Path(path)
-    fmt = fmt or format_of(path, role="output")
-    if fmt != "parquet":
-        frame = _flatten_for_text(frame, fmt)
+    return path.with_name(path.name + ".meta.json")
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """What ``write_table(metadata=...)`` recorded with an output; {} if nothing was."""
+    path = Path(path)
+    try:
+        if format_of(path, role="input") == "parquet":
+            found = pl.read_parquet_metadata(path)
+            return {k[len("batchgen."):]: v for k, v in found.items() if k.startswith("batchgen.")}
+        return dict(json.loads(metadata_path(path).read_text("utf-8")))
+    except (OSError, ValueError, UsageError, pl.exceptions.PolarsError):
+        return {}
+
+
+def _write_atomically(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _new_file_mode(path))  # mkstemp makes it 0600; readers downstream need more
         with os.fdopen(fd, "wb") as f:
-            if fmt == "csv":
-                frame.write_csv(f)
-            elif fmt == "parquet":
-                frame.write_parquet(f)
-            else:
-                frame.write_ndjson(f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
@@ -195,6 +203,28 @@ def write_table(frame: pl.DataFrame, path: str | os.PathLike[str], fmt: Format |
             os.unlink(tmp_name)
         raise
     _fsync_dir(path.parent)
+
+
+def write_table(frame: pl.DataFrame, path: str | os.PathLike[str], fmt: Format | None = None,
+                *, metadata: dict[str, str] | None = None) -> None:
+    """Write ``frame`` atomically: temporary file, fsync, rename over ``path``.
+
+    ``metadata`` goes into Parquet's key-value metadata (keys prefixed ``batchgen.``), or for
+    CSV and JSONL into a ``.meta.json`` sidecar written just before the table.
+    """
+    path = Path(path)
+    fmt = fmt or format_of(path, role="output")
+    if fmt != "parquet":
+        frame = _flatten_for_text(frame, fmt)
+        if metadata is not None:
+            text = json.dumps(metadata, indent=2, ensure_ascii=False).encode() + b"\n"
+            _write_atomically(metadata_path(path), lambda f: f.write(text))
+        writer = frame.write_csv if fmt == "csv" else frame.write_ndjson
+        _write_atomically(path, writer)
+        return
+    kv = {f"batchgen.{k}": v for k, v in (metadata or {}).items()}
+    _write_atomically(path, lambda f: frame.write_parquet(f, metadata=kv or None))
+
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -16,17 +16,19 @@ ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
 
 
-SECTIONS = {"run": "## `batchgen run", "validate": "## `batchgen run", "simulate": "## The simulator"}
+SECTIONS = {"run": "## `batchgen run", "validate": "## `batchgen run", "simulate": "## The simulator",
+            "cost": "### `batchgen cost"}
 
 
 def section(title: str) -> str:
     """The README's text from the ``## `` heading starting with ``title`` to the next one."""
     start = README.index(title)
-    end = README.find("\n## ", start + 1)
+    level = title.split(" ")[0]
+    end = README.find(f"\n{level} ", start + 1)
     return README[start:end if end != -1 else None]
 
 
-@pytest.mark.parametrize("command", ["run", "validate", "simulate"])
+@pytest.mark.parametrize("command", ["run", "validate", "simulate", "cost"])
 def test_every_option_is_in_its_commands_table(command):
     text = section(SECTIONS[command])
     params = cli.commands[command].params
@@ -40,7 +42,7 @@ def test_every_output_column_is_documented():
     assert [c for c in OUTPUT_COLUMNS if f"| `{c}` |" not in README] == []
 
 
-@pytest.mark.parametrize("code", [0, 1, 2, 3, 4, 130, 143])
+@pytest.mark.parametrize("code", [0, 1, 2, 3, 4, 5, 130, 143])
 def test_exit_codes_are_documented(code):
     assert f"| {code} |" in README
 
@@ -48,7 +50,7 @@ def test_exit_codes_are_documented(code):
 def test_environment_variables_are_documented():
     used = set()
     for path in (ROOT / "batchgen").glob("*.py"):
-        used |= set(re.findall(r'"(DASHSCOPE_[A-Z_]+)"', path.read_text()))
+        used |= set(re.findall(r'"((?:DASHSCOPE|BATCHGEN)_[A-Z_]+)"', path.read_text()))
     assert used and [v for v in sorted(used) if f"| `{v}` |" not in README] == []
 
 
@@ -58,3 +60,12 @@ def test_ci_runs_the_readme_test_command():
     assert extracted == ("python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && "
                          ".venv/bin/pytest")
     assert f"```sh\n{extracted}\n```" in README
+
+
+def test_the_cost_example_is_what_the_command_prints():
+    from click.testing import CliRunner
+
+    block = README.split("$ batchgen cost tests/data/cost_fixture.csv\n", 1)[1].split("```", 1)[0]
+    result = CliRunner().invoke(cli, ["cost", str(ROOT / "tests" / "data" / "cost_fixture.csv")])
+    assert result.exit_code == 0
+    assert result.stdout == block
