@@ -64,6 +64,11 @@ def _run_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="Requests in flight at once."),
         click.option("--rpm", type=click.FloatRange(min=0, min_open=True), default=600.0,
                      show_default=True, help="Requests per minute, paced evenly (RPM/60 a second)."),
+        click.option("--tpm", type=click.FloatRange(min=0, min_open=True),
+                     help="Tokens per minute (input + output), paced per second.  [default: no "
+                          "token pacing]"),
+        click.option("--fixed-rate", is_flag=True,
+                     help="Hold --rpm/--tpm exactly: no ramp-up, no slowing down on 429s."),
         click.option("--max-attempts", type=click.IntRange(min=1), default=8, show_default=True,
                      help="Attempts per row, first one included."),
         click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0,
@@ -259,6 +264,8 @@ def cost(files: tuple[str, ...], by: str, fmt: str, prices_path: str | None,
               help="Latency varies uniformly by this many seconds either way.")
 @click.option("--rpm", type=click.IntRange(min=1), help="Request quota per minute, enforced per "
               "second (429 Throttling.RateQuota past it).")
+@click.option("--tpm", type=click.IntRange(min=1), help="Token quota per minute (input + output), "
+              "enforced per second (429 Throttling.AllocationQuota past it).")
 @click.option("--fault-429", type=click.FloatRange(0, 1), default=0.0, help="Share of 429s.")
 @click.option("--fault-500", type=click.FloatRange(0, 1), default=0.0, help="Share of 500s.")
 @click.option("--fault-drop", type=click.FloatRange(0, 1), default=0.0,

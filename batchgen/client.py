@@ -21,6 +21,7 @@ from tenacity.stop import stop_base
 from batchgen import __version__
 from batchgen.config import RunConfig
 from batchgen.protocol import ROUTE_PATHS, APIError, Disposition, Reply, interpret
+from batchgen.ratelimit import Governor, throttle_kind
 
 BACKOFF_INITIAL = 0.5  # seconds; the official SDK's values
 BACKOFF_MAX = 8.0
@@ -67,6 +68,7 @@ class _stop_when(stop_base):
 
 @dataclass(slots=True)
 class _Tries:
+    tokens: int = 0  # estimated input + output tokens, reserved per attempt when pacing tokens
     attempts: int = 0
     last: tuple[Reply | APIError, float] | None = None  # the last attempt's result and latency
 
@@ -117,7 +119,7 @@ class Caller:
     """
 
     def __init__(self, config: RunConfig, transport: httpx.AsyncBaseTransport, *,
-                 acquire: Callable[[], Awaitable[Any]],
+                 governor: Governor,
                  aborted: Callable[[], bool],
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.config = config
@@ -131,7 +133,7 @@ class Caller:
         seconds = config.timeout
         self.extensions = {"timeout": {"connect": seconds, "read": seconds, "write": seconds,
                                        "pool": seconds}}
-        self._acquire = acquire
+        self.governor = governor
         self._aborted = aborted
         self._sleep = sleep
         self._waiting: set[asyncio.Task[Any]] = set()
@@ -174,8 +176,24 @@ class Caller:
         return response.status_code, response.headers, raw
 
     async def _attempt(self, content: bytes, tries: _Tries) -> tuple[Reply | APIError, float]:
-        await self._hold(self._acquire())
+        await self._hold(self.governor.acquire(tries.tokens))
         tries.attempts += 1
+        result, elapsed = await self._exchange(content)
+        governor = self.governor
+        if isinstance(result, Reply):
+            used = (result.input_tokens or 0) + (result.output_tokens or 0)
+            governor.settle(tries.tokens, used or tries.tokens)
+            if result.output_tokens is not None:
+                governor.observed_output(result.output_tokens)
+        else:
+            governor.settle(tries.tokens, 0)  # an error bills nothing
+            if result.http_status == 429:
+                kind = throttle_kind(result.code, result.message)
+                if kind is not None and result.disposition is Disposition.RETRY:
+                    governor.throttled(kind)
+        return result, elapsed
+
+    async def _exchange(self, content: bytes) -> tuple[Reply | APIError, float]:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.config.timeout):
@@ -213,14 +231,14 @@ class Caller:
             with attempt:
                 await self._try(content, tries)
 
-    async def call(self, body: dict[str, Any]) -> CallOutcome:
+    async def call(self, body: dict[str, Any], tokens: int = 0) -> CallOutcome:
         """Send ``body`` until it succeeds, fails for good, runs out of attempts or the run stops.
 
         The first attempt runs outside tenacity: most rows succeed at once, and the retry
         machinery costs about a tenth of a millisecond of CPU per row (``bench/``).
         """
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        tries = _Tries()
+        tries = _Tries(tokens)
         try:
             try:
                 await self._try(content, tries)

@@ -27,16 +27,10 @@ from batchgen.journal import Journal, journal_path
 from batchgen.logs import event
 from batchgen.pricing import PriceTable, load_prices, region_of
 from batchgen.progress import JsonProgress, Progress, summary_line
-from batchgen.prompts import PromptSpec, check_columns
+from batchgen.prompts import PromptSpec, build_messages, check_columns
 from batchgen.protocol import ROUTE_PATHS
-from batchgen.runner import RunControl, RunResult, arun, check_collisions, exit_code
-from batchgen.tables import (
-    check_writable,
-    format_of,
-    read_jsonl_column,
-    read_table,
-    write_table,
-)
+from batchgen.runner import RunControl, RunResult, arun_batches, check_collisions, exit_code
+from batchgen.tables import Source, TableWriter, check_writable, format_of, open_source
 
 log = logging.getLogger("batchgen")
 
@@ -63,32 +57,28 @@ def _generation_parameters(options: Mapping[str, Any]) -> dict[str, Any]:
     return parameters
 
 
-def _row_keys(frame: pl.DataFrame, column: str | None) -> list[str] | None:
-    """The journal's row keys: the --id-column's values (checked unique), else row numbers."""
+def _check_id_column(source: Source, column: str | None) -> None:
+    """The journal keys rows by --id-column: it must exist, be complete and be unique."""
     if column is None:
-        return None
-    if column not in frame.columns:
+        return
+    if column not in source.columns:
         raise UsageError(f"--id-column {column!r} is not in the input; its columns are: "
-                         f"{', '.join(frame.columns)}")
-    ids = frame.get_column(column)
-    if ids.null_count():
-        raise UsageError(f"--id-column {column!r} has {ids.null_count()} empty value(s): "
+                         f"{', '.join(source.columns)}")
+    nulls, duplicate, count = source.column_stats(column)
+    if nulls:
+        raise UsageError(f"--id-column {column!r} has {nulls} empty value(s): "
                          "every row needs a key")
-    duplicated = ids.filter(ids.is_duplicated())
-    if duplicated.len():
-        raise UsageError(f"--id-column {column!r} is not unique (e.g. {duplicated[0]!r} appears "
-                         f"{int((ids == duplicated[0]).sum())} times): pick a unique key column")
-    return ids.cast(pl.String).to_list()
+    if duplicate is not None:
+        raise UsageError(f"--id-column {column!r} is not unique (e.g. {duplicate!r} appears "
+                         f"{count} times): pick a unique key column")
 
 
 @dataclass
 class Prepared:
     """Everything checked before a run: what ``validate`` reports and ``run`` uses."""
 
-    frame: pl.DataFrame
+    source: Source
     spec: PromptSpec
-    keys: list[str] | None
-    raw_messages: list[Any] | None
     parameters: dict[str, Any]
     output_format: str
     options: dict[str, Any] = field(repr=False)
@@ -104,27 +94,24 @@ def _prepare(options: dict[str, Any]) -> Prepared:
                       system=options["system_prompt"], system_column=options["system_column"],
                       messages_column=options["messages_column"])
     parameters = _generation_parameters(options)
-    input_format = format_of(input_path, options["input_format"], role="input")
-    frame = read_table(input_path, input_format)
-    raw_messages = None
-    if input_format == "jsonl" and spec.messages_column in frame.columns:
-        raw_messages = read_jsonl_column(input_path, spec.messages_column)
-    if options["limit"] is not None:
-        frame = frame.head(options["limit"])
-        raw_messages = raw_messages[:options["limit"]] if raw_messages is not None else None
-    check_columns(spec, frame.columns, frame.schema)
-    check_collisions(frame.columns)
-    keys = _row_keys(frame, options["id_column"])
+    source = open_source(input_path, options["input_format"], limit=options["limit"],
+                         messages_column=spec.messages_column)
+    check_columns(spec, source.columns, source.schema)
+    check_collisions(source.columns)
+    _check_id_column(source, options["id_column"])
     if not options["simulate"] and not os.environ.get(ENV_API_KEY, "").strip():
         raise UsageError(NO_KEY)
-    return Prepared(frame, spec, keys, raw_messages, parameters, output_format, options)
+    # Template errors that only a row can show (a format spec a value cannot take) show now.
+    build_messages(spec, source.head(100))
+    return Prepared(source, spec, parameters, output_format, options)
 
 
 def _config(prepared: Prepared, base_url: str, key: str) -> RunConfig:
     o = prepared.options
     return RunConfig(api_key=key, base_url=base_url, model=o["model"], route=o["endpoint"],
                      workspace=o["workspace"] or None, parameters=prepared.parameters,
-                     concurrency=o["concurrency"], rpm=o["rpm"], max_attempts=o["max_attempts"],
+                     concurrency=o["concurrency"], rpm=o["rpm"], tpm=o["tpm"],
+                     adaptive=not o["fixed_rate"], max_attempts=o["max_attempts"],
                      timeout=o["timeout"])
 
 
@@ -154,9 +141,9 @@ def validate_command(**options: Any) -> int:
                      else os.environ.get(ENV_API_KEY, ""))
     output: Path = options["output_path"]
     _check_output_folder(output)
-    sendable = prepared.frame.height
+    sendable = prepared.source.total
     log.info("ok: %s rows of %s (columns: %s) would go to %s on %s%s; output %s",
-             f"{sendable:,}", options["input_path"], ", ".join(prepared.frame.columns),
+             f"{sendable:,}", options["input_path"], ", ".join(prepared.source.columns),
              config.model, base_url, ROUTE_PATHS[config.effective_route], output,
              extra=event("validated", rows=sendable, model=config.model,
                          route=config.effective_route, output=str(output)))
@@ -177,7 +164,7 @@ def _check_output_folder(output: Path) -> None:
 
 async def _run_with_signals(prepared: Prepared, config: RunConfig, journal: Journal,
                             grace: float, prices: PriceTable | None,
-                            budget: Budget | None) -> RunResult:
+                            budget: Budget | None, writer: TableWriter) -> RunResult:
     """The run, with SIGINT/SIGTERM stopping it gracefully and a second signal at once."""
     loop = asyncio.get_running_loop()
     control = RunControl()
@@ -204,8 +191,9 @@ async def _run_with_signals(prepared: Prepared, config: RunConfig, journal: Jour
     else:
         progress = Progress()
     try:
-        return await arun(prepared.frame, config, prepared.spec, keys=prepared.keys,
-                          raw_messages=prepared.raw_messages,
+        source = prepared.source
+        return await arun_batches(source.batches(), source.total, config, prepared.spec,
+                          write=writer.write, id_column=o["id_column"],
                           journal=journal, retry_errors=o["retry_errors"], control=control,
                           prices=prices, budget=budget, progress=progress)
     finally:
@@ -265,29 +253,33 @@ def _run(options: dict[str, Any], summary: RunSummary) -> int:
         if options["fresh"]:
             journal.discard()
         journal.open()
-        with _endpoint(options) as (url, key):
-            config = _config(prepared, url, key)
-            result = asyncio.run(_run_with_signals(prepared, config, journal, options["grace"],
-                                                   prices, budget))
-        summary.result = result
-        target = output
-        finished = result.fatal is None and result.stopped is None and result.stats.ok > 0
-        if output.exists() and not finished:
-            # A stopped, refused or all-failed run never replaces earlier answers.
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-            target = output.with_name(f"{output.stem}.partial-{stamp}{output.suffix}")
+        writer = TableWriter(output.parent, output.name, prepared.output_format)  # type: ignore[arg-type]
         try:
+            with _endpoint(options) as (url, key):
+                config = _config(prepared, url, key)
+                result = asyncio.run(_run_with_signals(prepared, config, journal,
+                                                       options["grace"], prices, budget, writer))
+            summary.result = result
+            target = output
+            finished = result.fatal is None and result.stopped is None and result.stats.ok > 0
+            if output.exists() and not finished:
+                # A stopped, refused or all-failed run never replaces earlier answers.
+                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+                target = output.with_name(f"{output.stem}.partial-{stamp}{output.suffix}")
             metadata = {"batchgen_version": __version__, "run_id": summary.run_id,
                         "model": config.model, "job": options.get("job") or "",
                         "region": prices.region if prices else "",
                         "prices_version": prices.version if prices else ""}
-            write_table(result.frame, target, prepared.output_format,  # type: ignore[arg-type]
-                        metadata=metadata)
+            writer.commit(target, metadata)
         except (OSError, pl.exceptions.PolarsError) as exc:
+            writer.discard()
             reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-            raise BatchgenError(f"could not write {target} ({reason}); every answer is kept in "
+            raise BatchgenError(f"could not write {output} ({reason}); every answer is kept in "
                                 f"{journal.path}: fix that and run the same command again to "
                                 "write it (nothing is sent twice)") from None
+        except BaseException:
+            writer.discard()
+            raise
         summary.output = target
     stats = result.stats
     if result.fatal is not None:
@@ -386,28 +378,31 @@ def cost_command(*, files: list[str], by: str, fmt: str, prices_path: str | None
 def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
     """``run --dry-run``: what the run would send, cost and take; nothing is sent or written."""
     from batchgen.journal import request_hash
-    from batchgen.prompts import RowProblem, build_messages
+    from batchgen.prompts import RowProblem
     from batchgen.protocol import build_body, route_for_model
 
     o = prepared.options
     model = o["model"]
     route = o["endpoint"] or route_for_model(model)
-    plan = build_messages(prepared.spec, prepared.frame, prepared.raw_messages)
-    keys = prepared.keys or [str(i) for i in range(len(plan))]
     previous = _journal_read_only(journal_path(o["output_path"]))
     counts: list[int] = []
-    empty = resumed = 0
-    for key, messages in zip(keys, plan, strict=True):
-        if isinstance(messages, RowProblem):
-            empty += 1
-            continue
-        entry = previous.get(key)
-        body = build_body(model, messages, prepared.parameters, route)  # type: ignore[arg-type]
-        if entry is not None and entry.request_hash == request_hash(body) and \
-                (entry.status == "ok" or (entry.final and not o["retry_errors"])):
-            resumed += 1
-            continue
-        counts.append(count_input_tokens(model, body["input"]["messages"]))
+    empty = resumed = offset = 0
+    for frame, raw in prepared.source.batches():
+        plan = build_messages(prepared.spec, frame, raw)
+        keys = (frame.get_column(o["id_column"]).cast(pl.String).to_list() if o["id_column"]
+                else [str(offset + i) for i in range(frame.height)])
+        offset += frame.height
+        for key, messages in zip(keys, plan, strict=True):
+            if isinstance(messages, RowProblem):
+                empty += 1
+                continue
+            entry = previous.get(key)
+            body = build_body(model, messages, prepared.parameters, route)  # type: ignore[arg-type]
+            if entry is not None and entry.request_hash == request_hash(body) and \
+                    (entry.status == "ok" or (entry.final and not o["retry_errors"])):
+                resumed += 1
+                continue
+            counts.append(count_input_tokens(model, body["input"]["messages"]))
     n = len(counts)
     price = prices.lookup(model) if prices is not None else None
     max_tokens = prepared.parameters.get("max_tokens")
@@ -415,7 +410,7 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
     most = max_tokens or (price.max_output_tokens if price else None)
     thinking = thinks(model, prepared.parameters) is not False
     lines = [
-        f"dry run: {n:,} of {prepared.frame.height:,} rows would be sent to {model} ({route} "
+        f"dry run: {n:,} of {prepared.source.total:,} rows would be sent to {model} ({route} "
         f"route); {resumed:,} already answered in the journal, {empty:,} empty (never sent)",
         f"input tokens: {sum(counts):,} counted with the Qwen tokenizer "
         f"({(sum(counts) / n if n else 0):,.0f} a row on average, {max(counts, default=0):,} at most)",

@@ -43,6 +43,8 @@ class RunConfig:
     parameters: Mapping[str, Any] = field(default_factory=dict)
     concurrency: int = DEFAULT_CONCURRENCY
     rpm: float = DEFAULT_RPM
+    tpm: float | None = None  # tokens per minute (input + output); None: not paced on tokens
+    adaptive: bool = True  # ramp up at start, slow down on throttling 429s
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     timeout: float = DEFAULT_TIMEOUT
 
@@ -60,6 +62,8 @@ class RunConfig:
             raise UsageError(f"--concurrency must be at least 1, got {self.concurrency}")
         if not (self.rpm > 0 and math.isfinite(self.rpm)):
             raise UsageError(f"--rpm must be a positive number, got {self.rpm}")
+        if self.tpm is not None and not (self.tpm > 0 and math.isfinite(self.tpm)):
+            raise UsageError(f"--tpm must be a positive number, got {self.tpm}")
         if self.max_attempts < 1:
             raise UsageError(f"--max-attempts must be at least 1, got {self.max_attempts}")
         if not self.timeout > 0:

@@ -137,6 +137,24 @@ class Journal:
                 for key, h, status, final, result in self._db.execute(
                     "SELECT key, request_hash, status, final, result FROM rows")}
 
+    def lookup(self, keys: list[str]) -> dict[str, Entry]:
+        """The journalled rows among ``keys`` (a batch's worth: the journal is not loaded whole)."""
+        assert self._db is not None
+        found: dict[str, Entry] = {}
+        for start in range(0, len(keys), 900):  # SQLite's bound-parameter limit is 999
+            chunk = keys[start:start + 900]
+            marks = ",".join("?" * len(chunk))
+            for key, h, status, final, result in self._db.execute(
+                    f"SELECT key, request_hash, status, final, result FROM rows WHERE key IN ({marks})",
+                    chunk):
+                found[key] = Entry(h, status, bool(final), json.loads(result))
+        return found
+
+    def count_final(self) -> int:
+        """Rows answered for good: ok, or a permanent error."""
+        assert self._db is not None
+        return self._db.execute("SELECT count(*) FROM rows WHERE final = 1").fetchone()[0]
+
     def record(self, key: str, digest: str, final: bool, result: Any) -> None:
         """Commit one finished row (``result`` is a RowResult); returns once it is in the WAL."""
         assert self._db is not None

@@ -47,8 +47,21 @@ def status_line(stats: RunStats, *, bar: bool = False) -> str:
     if stats.resumed:
         head += f" ({stats.resumed:,} resumed)"
     errors = f"{stats.error:,} error{'s' if stats.error != 1 else ''}"
-    return (f"{head} · {rate:.1f} rows/s · ETA {eta} · tokens {_count(stats.input_tokens)} in / "
-            f"{_count(stats.output_tokens)} out{_cost(stats)} · {errors}")
+    return (f"{head} · {rate:.1f} rows/s{_admitted(stats)} · ETA {eta} · tokens "
+            f"{_count(stats.input_tokens)} in / {_count(stats.output_tokens)} out{_cost(stats)}"
+            f" · {errors}")
+
+
+def _admitted(stats: RunStats) -> str:
+    """The rate the governor admits now, and how often the service throttled us."""
+    governor = stats.governor
+    if governor is None:
+        return ""
+    text = f" (admitting {governor.admitted_rpm:,.0f} rpm"
+    if governor.admitted_tpm is not None:
+        text += f", {_count(int(governor.admitted_tpm))} tpm"
+    throttled = sum(governor.throttles.values())
+    return text + (f", {throttled:,} throttled)" if throttled else ")")
 
 
 def _cost(stats: RunStats) -> str:

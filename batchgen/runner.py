@@ -10,17 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
-from aiolimiter import AsyncLimiter
 
-from batchgen.budget import Budget, row_cost
+from batchgen.budget import Budget, count_input_tokens, row_cost
 from batchgen.client import Caller, CallOutcome, make_transport
 from batchgen.config import RunConfig
 from batchgen.errors import FatalAPIError, UsageError
@@ -28,6 +27,7 @@ from batchgen.journal import Entry, Journal, request_hash
 from batchgen.pricing import PriceTable
 from batchgen.prompts import PromptSpec, RowProblem, build_messages
 from batchgen.protocol import APIError, Disposition, build_body, fatal_hint
+from batchgen.ratelimit import Governor
 
 if TYPE_CHECKING:
     import httpx
@@ -101,6 +101,7 @@ class RunStats:
     cost: Decimal = Decimal(0)  # cost of every row in the output, resumed ones included
     unpriced_rows: int = 0  # rows with usage whose model has no price
     priced: bool = False  # whether a price table was given at all
+    governor: Governor | None = field(default=None, repr=False)  # the admitted rate, live
 
     @property
     def done(self) -> int:
@@ -135,6 +136,9 @@ class RunStats:
             self.attempts += result.attempts or 0
 
 
+STOP_NOW = "batchgen: stop now"
+
+
 class RunControl:
     """Stops a run from outside it: a signal handler, a budget, a notebook's cancel button.
 
@@ -164,7 +168,7 @@ class RunControl:
     def stop_now(self, reason: str | None = None) -> None:
         self.stop(reason or "stopped")
         for task in self._tasks:
-            task.cancel()
+            task.cancel(STOP_NOW)
 
     def _attach(self, tasks: list[asyncio.Task[None]], interrupt: Callable[[], None]) -> None:
         self._tasks = tasks
@@ -181,7 +185,7 @@ class RunControl:
 class RunResult:
     """What a run produced: the output table, its counters, and why it stopped early if it did."""
 
-    frame: pl.DataFrame
+    frame: pl.DataFrame | None  # None when the rows went to a writer (``arun_batches``)
     stats: RunStats
     fatal: FatalAPIError | None = None
     stopped: str | None = None  # RunControl's reason, when the run was stopped from outside
@@ -235,6 +239,7 @@ def results_frame(results: list[RowResult]) -> pl.DataFrame:
     return pl.DataFrame(columns, schema=OUTPUT_SCHEMA)
 
 
+DEFAULT_OUTPUT_ESTIMATE = 512  # tokens reserved per reply under --tpm until replies are seen
 UNREACHABLE_CODES = frozenset({"batchgen.ConnectionError", "batchgen.Timeout"})
 UNREACHABLE_ROWS = 5
 
@@ -255,149 +260,247 @@ def _from_journal(entry: Entry) -> RowResult:
     return RowResult(**{k: v for k, v in values.items() if k in RowResult.__dataclass_fields__})
 
 
-async def arun(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = PromptSpec(), *,
-               keys: list[str] | None = None,
-               raw_messages: list[Any] | None = None,
-               journal: Journal | None = None,
-               retry_errors: bool = False,
-               control: RunControl | None = None,
-               prices: PriceTable | None = None,
-               budget: Budget | None = None,
-               on_result: Callable[[int, RowResult], None] | None = None,
-               progress: Callable[[RunStats], Awaitable[None]] | None = None,
-               sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-               transport: httpx.AsyncBaseTransport | None = None) -> RunResult:
-    """Answer every row of ``frame``; never raises for API trouble, it reports it in ``RunResult``.
+Batch = tuple[pl.DataFrame, "list[Any] | None"]  # rows, and their messages cells as written
+BATCHES_AHEAD = 4  # input batches read but not yet written: bounds memory, whatever the size
 
-    With a ``journal`` (opened, locked), rows it already holds for the same request are taken
-    from it instead of being sent (permanent row errors too, unless ``retry_errors``), and
-    every row that finishes is recorded in it at once; ``keys`` name the rows (default: the
-    row numbers). ``raw_messages`` are the messages cells as the file held them (JSONL).
-    ``control`` stops the run from outside. With ``prices`` the stats carry the cost so far;
-    a ``budget`` stops dispatching (reason ``"budget"``) before it could be overspent.
-    ``on_result(index, result)`` is called as each row finishes; ``progress(stats)`` runs as a
-    task for the length of the run.
-    ``transport`` replaces the default aiohttp-backed httpx transport; the run closes it.
+
+@dataclass
+class _Pending:
+    """One input batch on its way to the output: rows wait here until all have results."""
+
+    offset: int
+    frame: pl.DataFrame
+    results: list[RowResult | None]
+    waiting: int = 0  # rows handed to the workers and not finished yet
+    enumerated: bool = False  # every row has been finished or handed out
+
+
+async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
+                       spec: PromptSpec = PromptSpec(), *,
+                       write: Callable[[pl.DataFrame], None],
+                       id_column: str | None = None,
+                       journal: Journal | None = None,
+                       retry_errors: bool = False,
+                       control: RunControl | None = None,
+                       prices: PriceTable | None = None,
+                       budget: Budget | None = None,
+                       progress: Callable[[RunStats], Awaitable[None]] | None = None,
+                       sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                       transport: httpx.AsyncBaseTransport | None = None) -> RunResult:
+    """Answer ``total`` rows arriving in ``batches``, handing each batch, answered, to ``write``.
+
+    Batches go to ``write`` in input order, each once all its rows have finished; at most
+    ``BATCHES_AHEAD`` are held at a time, so memory does not grow with the table. With a
+    ``journal`` (opened, locked), rows it holds for the same request are taken from it instead
+    of being sent (permanent row errors too, unless ``retry_errors``) and every row that
+    finishes is recorded at once; rows are keyed by ``id_column`` or their row number.
+    ``control`` stops the run from outside; a ``budget`` stops it before it could be
+    overspent. ``transport`` replaces the default aiohttp-backed httpx transport.
     """
-    check_collisions(frame.columns)
-    plan = build_messages(spec, frame, raw_messages)
-    n = len(plan)
-    keys = keys if keys is not None else [str(i) for i in range(n)]
-    if len(keys) != n:
-        raise UsageError(f"{len(keys)} row keys for {n} rows")
     control = control or RunControl()
-    previous = journal.load() if journal is not None else {}
-    results: list[RowResult | None] = [None] * n
-    stats = RunStats(total=n)
+    stats = RunStats(total=total)
+    stats.priced = prices is not None
+    model_price = prices.lookup(config.model) if prices is not None else None
     fatal: list[APIError] = []
     unreachable: list[APIError] = []  # rows in a row that never reached the service
     route = config.effective_route
+    governor = Governor(config.rpm, config.tpm, adaptive=config.adaptive)
+    stats.governor = governor
+    max_tokens = config.parameters.get("max_tokens")
+    pending: deque[_Pending] = deque()
+    room = asyncio.Event()  # set when a batch has been written
+    queue: asyncio.Queue[tuple[_Pending, int, str, dict[str, Any], str] | None] = \
+        asyncio.Queue(maxsize=2 * config.concurrency)
+    if journal is not None:
+        answered = journal.count_final()
+        if answered:
+            log.info("resumed: %s done, %s to go", f"{answered:,}",
+                     f"{max(total - answered, 0):,}")
 
-    model_price = prices.lookup(config.model) if prices is not None else None
-    stats.priced = prices is not None
+    def sending() -> bool:
+        return not fatal and not control.stopping
 
-    def finish(index: int, result: RowResult, *, resumed: bool = False) -> Decimal | None:
-        results[index] = result
+    def finish(batch: _Pending, i: int, result: RowResult, *, resumed: bool = False
+               ) -> Decimal | None:
+        batch.results[i] = result
         stats.add(result, resumed=resumed)
-        cost = None
-        if prices is not None and result.status != SKIPPED:
-            price = model_price if result.model == config.model else prices.lookup(result.model or "")
-            cost = row_cost(price, result, prices.cached_ratio)
-            stats.add_cost(cost, resumed=resumed)
-        if on_result is not None:
-            on_result(index, result)
+        if prices is None or result.status == SKIPPED:
+            return None
+        price = model_price if result.model == config.model else prices.lookup(result.model or "")
+        cost = row_cost(price, result, prices.cached_ratio)
+        stats.add_cost(cost, resumed=resumed)
         return cost
 
-    to_send: list[tuple[int, dict[str, Any], str]] = []
-    for index, item in enumerate(plan):
-        if isinstance(item, RowProblem):
-            finish(index, RowResult(status=ERROR, model=config.model, error_code=item.code,
-                                    error_message=item.message, attempts=0, finished_at=_now()))
-            continue
-        body = build_body(config.model, item, config.parameters, route)
-        digest = request_hash(body)
-        entry = previous.get(keys[index])
-        if entry is not None and entry.request_hash == digest:
-            if entry.status == OK or (entry.final and not retry_errors):
-                finish(index, _from_journal(entry), resumed=True)
-                continue
-        elif entry is not None:
-            stats.changed += 1
-        to_send.append((index, body, digest))
-    if previous:
-        log.info("resumed: %s done, %s to go%s", f"{stats.resumed:,}", f"{len(to_send):,}",
-                 f" ({stats.changed:,} changed since the last run)" if stats.changed else "")
+    def skip(batch: _Pending, i: int) -> None:
+        finish(batch, i, RowResult(status=SKIPPED, model=config.model, attempts=0))
 
-    # A leaky bucket one request deep: a request every 60/rpm seconds and never a burst, so no
-    # 1-second window carries more than rpm/60 + 1 requests, the first second included.
-    limiter = AsyncLimiter(1, 60.0 / config.rpm)
-    queue = iter(to_send)
+    def flush() -> None:
+        """Write every batch at the head of the line whose rows have all finished."""
+        while pending and pending[0].enumerated and pending[0].waiting == 0:
+            batch = pending.popleft()
+            out = pl.concat([batch.frame, results_frame(batch.results)],  # type: ignore[arg-type]
+                            how="horizontal")
+            write(out)
+            room.set()
+
+    async def produce() -> None:
+        offset = 0
+        for frame, raw in batches:
+            check_collisions(frame.columns)
+            while len(pending) >= BATCHES_AHEAD:
+                room.clear()
+                await room.wait()
+            batch = _Pending(offset, frame, [None] * frame.height)
+            pending.append(batch)
+            plan = build_messages(spec, frame, raw)
+            keys = (frame.get_column(id_column).cast(pl.String).to_list() if id_column
+                    else [str(offset + i) for i in range(frame.height)])
+            previous = journal.lookup(keys) if journal is not None else {}
+            for i, item in enumerate(plan):
+                if isinstance(item, RowProblem):
+                    finish(batch, i, RowResult(status=ERROR, model=config.model,
+                                               error_code=item.code, error_message=item.message,
+                                               attempts=0, finished_at=_now()))
+                    continue
+                body = build_body(config.model, item, config.parameters, route)
+                digest = request_hash(body)
+                entry = previous.get(keys[i])
+                if entry is not None and entry.request_hash == digest:
+                    if entry.status == OK or (entry.final and not retry_errors):
+                        finish(batch, i, _from_journal(entry), resumed=True)
+                        continue
+                elif entry is not None:
+                    stats.changed += 1
+                if not sending():
+                    skip(batch, i)
+                    continue
+                batch.waiting += 1
+                await queue.put((batch, i, keys[i], body, digest))
+            batch.enumerated = True
+            offset += frame.height
+            flush()
 
     async with transport or make_transport(config) as http:
-        caller = Caller(config, http, acquire=limiter.acquire,
-                        aborted=lambda: bool(fatal) or control.stopping, sleep=sleep)
+        caller = Caller(config, http, governor=governor, aborted=lambda: not sending(),
+                        sleep=sleep)
+
+        async def send(batch: _Pending, i: int, key: str, body: dict[str, Any],
+                       digest: str) -> None:
+            worst = Decimal(0)
+            if budget is not None:
+                worst = budget.worst_case(config.model, body["input"]["messages"])
+                if not await budget.reserve(worst):
+                    control.stop("budget")
+                    skip(batch, i)
+                    return
+            tokens = 0
+            if config.tpm is not None:
+                tokens = (count_input_tokens(config.model, body["input"]["messages"])
+                          + governor.output_estimate(max_tokens, DEFAULT_OUTPUT_ESTIMATE))
+            try:
+                outcome = await caller.call(body, tokens)
+            except Exception as exc:  # a bug here must cost one row, not the run's answers
+                log.exception("unexpected error on row %s", key)
+                outcome = CallOutcome(None, APIError(None, "batchgen.InternalError",
+                                                     f"{type(exc).__name__}: {exc}", None,
+                                                     Disposition.RETRY), 0, None, None,
+                                      gave_up=True)
+            if outcome.reply is not None:
+                unreachable.clear()
+            elif outcome.gave_up and outcome.error is not None \
+                    and outcome.error.code in UNREACHABLE_CODES:
+                unreachable.append(outcome.error)
+                if len(unreachable) == UNREACHABLE_ROWS:
+                    fatal.append(_unreachable(config, outcome))
+            if outcome.error is not None and outcome.error.disposition is Disposition.FATAL:
+                fatal.append(outcome.error)
+            if fatal:
+                caller.interrupt()
+            result, final = _result_of(outcome, config.model)
+            if result.status != SKIPPED and journal is not None:
+                journal.record(key, digest, final, result)
+            cost = finish(batch, i, result)
+            if budget is not None:
+                await budget.settle(worst, cost)
 
         async def worker() -> None:
-            for index, body, digest in queue:
-                if fatal or control.stopping:
-                    return  # the rows left become "skipped" below
-                worst = Decimal(0)
-                if budget is not None:
-                    worst = budget.worst_case(config.model, body["input"]["messages"])
-                    if not await budget.reserve(worst):
-                        control.stop("budget")
-                        return
+            while True:
+                item = None
                 try:
-                    outcome = await caller.call(body)
-                except Exception as exc:  # a bug here must cost one row, not the run's answers
-                    log.exception("unexpected error on row %s", keys[index])
-                    outcome = CallOutcome(None, APIError(None, "batchgen.InternalError",
-                                                         f"{type(exc).__name__}: {exc}", None,
-                                                         Disposition.RETRY), 0, None, None,
-                                          gave_up=True)
-                if outcome.reply is not None:
-                    unreachable.clear()
-                elif outcome.gave_up and outcome.error is not None \
-                        and outcome.error.code in UNREACHABLE_CODES:
-                    unreachable.append(outcome.error)
-                    if len(unreachable) == UNREACHABLE_ROWS:
-                        fatal.append(_unreachable(config, outcome))
-                if outcome.error is not None and outcome.error.disposition is Disposition.FATAL:
-                    fatal.append(outcome.error)
-                if fatal:
-                    caller.interrupt()
-                result, final = _result_of(outcome, config.model)
-                if result.status != SKIPPED and journal is not None:
-                    journal.record(keys[index], digest, final, result)
-                cost = finish(index, result)
-                if budget is not None:
-                    await budget.settle(worst, cost)
+                    item = await queue.get()
+                    if item is None:
+                        return
+                    if sending():
+                        await send(*item)
+                except asyncio.CancelledError as exc:
+                    if exc.args != (STOP_NOW,):
+                        raise
+                    # stop_now: abandon this request, then keep draining the queue so the
+                    # producer can account for every remaining row.
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                finally:
+                    if item is not None:
+                        batch, i = item[0], item[1]
+                        if batch.results[i] is None:
+                            skip(batch, i)
+                        batch.waiting -= 1
+                        flush()
 
-        workers = [asyncio.create_task(worker())
-                   for _ in range(min(config.concurrency, len(to_send)))]
+        workers = [asyncio.create_task(worker()) for _ in range(config.concurrency)]
         control._attach(workers, caller.interrupt)
-        reporter = [asyncio.create_task(progress(stats))] if progress else []
+        tasks = [*workers, *([asyncio.create_task(progress(stats))] if progress else [])]
+        producer = asyncio.create_task(produce())
         try:
+            await producer
+            for _ in workers:
+                await queue.put(None)
             await asyncio.gather(*workers, return_exceptions=True)
         finally:
             control._detach()
-            for task in [*workers, *reporter]:
+            for task in [producer, *tasks]:
                 task.cancel()
-            await asyncio.gather(*workers, *reporter, return_exceptions=True)
-    for index, result in enumerate(results):
-        if result is None:  # never sent, or cancelled in flight: accounted for, not lost
-            finish(index, RowResult(status=SKIPPED, model=config.model, attempts=0))
+            await asyncio.gather(producer, *tasks, return_exceptions=True)
+    # Whatever stopped early (stop_now cancelled workers): every row still reaches the output.
+    while not queue.empty():
+        item = queue.get_nowait()
+        if item is not None:
+            item[0].waiting -= 1
+    for batch in pending:
+        for i, result in enumerate(batch.results):
+            if result is None:
+                skip(batch, i)
+        batch.waiting, batch.enumerated = 0, True
+    flush()
+    if stats.done != total:  # the producer was cancelled mid-input (a second Ctrl-C)
+        log.warning("%s rows were not read before the run stopped", f"{total - stats.done:,}")
     stats.finished = time.monotonic()
-
-    frame_out = pl.concat([frame, results_frame(results)], how="horizontal")  # type: ignore[arg-type]
+    if stats.changed:
+        log.info("%s rows changed since the last run and were sent again", f"{stats.changed:,}")
     error = None
     if fatal:
         first = fatal[0]
         error = FatalAPIError(f"stopped: {fatal_hint(first)}", code=first.code,
                               http_status=first.http_status)
-    result = RunResult(frame_out, stats, error, control.reason)
+    result = RunResult(None, stats, error, control.reason)  # type: ignore[arg-type]
     if error is not None:
         error.result = result
+    return result
+
+
+async def arun(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = PromptSpec(), *,
+               batch_rows: int = 4096, **options: Any) -> RunResult:
+    """Answer every row of an in-memory ``frame``; the result holds the output frame.
+
+    Never raises for API trouble: it is reported in ``RunResult`` (``fatal``, ``stats``, row
+    ``status``). Takes the options of ``arun_batches``.
+    """
+    check_collisions(frame.columns)
+    parts: list[pl.DataFrame] = []
+    slices = ((frame.slice(i, batch_rows), None) for i in range(0, frame.height, batch_rows))
+    result = await arun_batches(slices, frame.height, config, spec, write=parts.append,
+                                **options)
+    result.frame = pl.concat(parts) if parts else pl.concat(
+        [frame.clear(), results_frame([])], how="horizontal")
     return result
 
 

@@ -75,6 +75,7 @@ _CLIENT_MAX_SIZE = 70 * 1024 * 1024
 # The messages below are the real service's, byte for byte (including its typo "occured" and
 # the fullwidth exclamation mark of the url error): clients match on them.
 _MSG_INVALID_KEY = "Invalid API-key provided."
+_MSG_TOKEN_QUOTA = "Allocated quota exceeded, please increase your quota limit."
 _MSG_RATE_QUOTA = "Requests rate limit exceeded, please try again later."
 _MSG_INTERNAL = "An internal error has occured, please try again later or contact service support."
 _MSG_ALGO = "An error occurred in model serving, error message is: [Internal server error!]"
@@ -145,6 +146,7 @@ class SimulatorConfig:
     latency: float = 0.0
     jitter: float = 0.0
     rpm: int | None = None
+    tpm: int | None = None
     fault_429: float = 0.0
     fault_500: float = 0.0
     fault_drop: float = 0.0
@@ -165,6 +167,8 @@ class SimulatorConfig:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         if self.rpm is not None and self.rpm < 1:
             raise ValueError(f"rpm must be >= 1 or None, got {self.rpm!r}")
+        if self.tpm is not None and self.tpm < 1:
+            raise ValueError(f"tpm must be >= 1 or None, got {self.tpm!r}")
         total = 0.0
         for name in _FAULT_ORDER:
             value = getattr(self, name)
@@ -192,6 +196,8 @@ class SimulatorStats:
     served: dict[str, str] = field(default_factory=dict)
     arrivals: list[float] = field(default_factory=list)
     workspaces: collections.Counter[str] = field(default_factory=collections.Counter)
+    throttled: list[float] = field(default_factory=list)  # when each quota 429 was sent
+    answered: list[tuple[float, int]] = field(default_factory=list)  # (when, total tokens) per ok
 
 
 @dataclass(frozen=True)
@@ -392,12 +398,16 @@ class TokenBucket:
         self.tokens = self.capacity
         self.updated = now
 
-    def try_take(self, now: float) -> bool:
-        """Take one token if there is one; a refused request takes nothing."""
+    def try_take(self, now: float, amount: float = 1.0) -> bool:
+        """Take ``amount`` if there is that much; a refused request takes nothing.
+
+        For the token quota a request may need more than a second's worth: it is let through
+        when the bucket is full (the request is alone in its second) and leaves it in debt.
+        """
         self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= amount or (amount > self.capacity and self.tokens >= self.capacity):
+            self.tokens -= amount
             return True
         return False
 
@@ -537,6 +547,7 @@ class Simulator:
         self._rng = random.Random(config.seed)
         self._auth = f"Bearer {config.key}"
         self._bucket: TokenBucket | None = None
+        self._token_bucket: TokenBucket | None = None
         self._fault_thresholds: list[tuple[float, FaultName]] = []
         cumulative = 0.0
         for name in _FAULT_ORDER:
@@ -566,6 +577,8 @@ class Simulator:
         self._stopping = False
         if self.config.rpm is not None:
             self._bucket = TokenBucket(self.config.rpm, time.monotonic())
+        if self.config.tpm is not None:
+            self._token_bucket = TokenBucket(self.config.tpm, time.monotonic())
         bound_port = runner.addresses[0][1]
         url_host = f"[{host}]" if ":" in host else host
         return f"http://{url_host}:{bound_port}/api/v1"
@@ -605,6 +618,8 @@ class Simulator:
 
     def _error(self, status: int, code: str, message: str, outcome: str, rid: str) -> web.Response:
         self.stats.outcomes[outcome] += 1
+        if outcome.startswith("quota"):
+            self.stats.throttled.append(time.monotonic())
         return _json_response(status, _error_payload(code, message, rid), rid)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -652,8 +667,11 @@ class Simulator:
             stats.outcomes[fault] += 1
             return await self._send_truncated(request, status, _dumps(payload), request_id)
         stats.outcomes[outcome] += 1
+        if outcome.startswith("quota"):
+            stats.throttled.append(time.monotonic())
         if content is not None:
             stats.served[request_id] = content
+            stats.answered.append((time.monotonic(), payload["usage"]["total_tokens"]))
         return _json_response(status, payload, request_id)
 
     async def _answer(
@@ -715,12 +733,6 @@ class Simulator:
                         status, code, error_message = _MARKERS[name]
                         raise _ApiError(status, code, error_message, f"error:{code}")
 
-        config = self.config
-        if config.latency > 0 or config.jitter > 0:
-            delay = config.latency + self._rng.uniform(-config.jitter, config.jitter)
-            if delay > 0:
-                await self._sleep(delay)
-
         reply = simulated_reply(
             model,
             messages,
@@ -728,6 +740,16 @@ class Simulator:
             enable_thinking=bool(parameters.get("enable_thinking")),
             thinking_budget=parameters.get("thinking_budget"),
         )
+        if self._token_bucket is not None and not self._token_bucket.try_take(
+                time.monotonic(), reply.total_tokens):
+            raise _ApiError(429, "Throttling.AllocationQuota", _MSG_TOKEN_QUOTA, "quota_tpm_429")
+
+        config = self.config
+        if config.latency > 0 or config.jitter > 0:
+            delay = config.latency + self._rng.uniform(-config.jitter, config.jitter)
+            if delay > 0:
+                await self._sleep(delay)
+
         text_format = not multimodal and parameters.get("result_format") == "text"
         return reply, multimodal, text_format
 

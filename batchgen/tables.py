@@ -11,7 +11,10 @@ import codecs
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -239,3 +242,176 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# -- streaming: tables larger than memory -----------------------------------------------------
+DEFAULT_BATCH_ROWS = 4096
+
+
+@dataclass
+class Source:
+    """An input table read in batches: its shape up front, its rows on demand, in order."""
+
+    path: Path
+    fmt: Format
+    total: int
+    schema: pl.Schema
+    _scan: pl.LazyFrame = field(repr=False)
+    messages_column: str | None = None
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.schema)
+
+    def column_stats(self, column: str) -> tuple[int, Any | None, int]:
+        """(nulls, one duplicated value or None, how often it appears), streamed."""
+        col = pl.col(column)
+        nulls, dup = self._scan.select(col.null_count().alias("nulls"),
+                                       col.filter(col.is_duplicated()).first().alias("dup")
+                                       ).collect().row(0)
+        count = (self._scan.select((col == dup).sum()).collect().item()
+                 if dup is not None else 0)
+        return nulls, dup, count
+
+    def batches(self, rows: int = DEFAULT_BATCH_ROWS) -> Iterator[tuple[pl.DataFrame, list[Any] | None]]:
+        """Each batch, with the messages cells exactly as written when the input is JSONL."""
+        raw = self._raw_messages() if self.messages_column else None
+        for batch in self._scan.collect_batches(chunk_size=rows, maintain_order=True):
+            if batch.height == 0:
+                continue
+            cells = [next(raw) for _ in range(batch.height)] if raw is not None else None
+            yield batch, cells
+
+    def _raw_messages(self) -> Iterator[Any]:
+        with self.path.open("rb") as f:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line).get(self.messages_column)
+
+    def head(self, rows: int) -> pl.DataFrame:
+        return self._scan.head(rows).collect()
+
+
+def _jsonl_rows(path: Path) -> int:
+    """Count a JSONL file's rows, failing on the first line that is not a JSON object."""
+    problem = _first_bad_jsonl_line(path)
+    if problem:
+        raise UsageError(f"input {path}: {problem}; fix that line or remove it")
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def open_source(path: str | os.PathLike[str], fmt: str | None = None, *,
+                limit: int | None = None, messages_column: str | None = None) -> Source:
+    """Open an input table for streaming; every read problem is a ``UsageError`` *now*.
+
+    The whole file is checked before the first request (UTF-8 for CSV, every line for JSONL,
+    the footer for Parquet), so a bad row 900,000 cannot stop a run that has been paying.
+    """
+    path = Path(path)
+    fmt = format_of(path, fmt, role="input")
+    if not path.exists():
+        raise UsageError(f"input file not found: {path}")
+    if path.is_dir():
+        raise UsageError(f"input {path} is a directory, not a file")
+    try:
+        if fmt == "csv":
+            offset = _first_bad_utf8(path)
+            if offset is not None:
+                raise UsageError(NOT_UTF8.format(path=path, offset=offset))
+            scan = pl.scan_csv(path, infer_schema=False, encoding="utf8")
+            first = scan.collect_schema().names()[0] if scan.collect_schema().names() else ""
+            if first.startswith("\ufeff"):  # a spreadsheet's byte-order mark is not in the name
+                scan = scan.rename({first: first.lstrip("\ufeff")})
+        elif fmt == "parquet":
+            scan = pl.scan_parquet(path)
+        else:
+            if path.stat().st_size == 0:
+                raise UsageError(f"input {path} is empty: it has no rows")
+            _jsonl_rows(path)
+            scan = pl.scan_ndjson(path, infer_schema_length=None)
+        schema = scan.collect_schema()
+        if limit is not None:
+            scan = scan.head(limit)
+        total = scan.select(pl.len()).collect().item()
+    except UsageError:
+        raise
+    except pl.exceptions.NoDataError:
+        raise UsageError(f"input {path} is empty: it has no header and no rows") from None
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+        raise _read_error(path, fmt, exc) from None
+    if total == 0:
+        raise UsageError(f"input {path} has no rows (columns: {', '.join(schema) or 'none'})")
+    column = messages_column if fmt == "jsonl" and messages_column in schema else None
+    return Source(path, fmt, total, schema, scan, column)
+
+
+class TableWriter:
+    """Writes an output table batch by batch into a temporary file, then renames it into place.
+
+    CSV and JSONL batches are appended to one temporary file; Parquet batches become parts that
+    ``commit`` streams into one file (one row group per batch) before the rename. Nothing is
+    visible at the target until ``commit``; ``discard`` removes every trace.
+    """
+
+    def __init__(self, directory: Path, name: str, fmt: Format) -> None:
+        self.fmt = fmt
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._parts: list[Path] = []
+        if fmt == "parquet":
+            self._tmpdir: Path | None = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".parts",
+                                                              dir=directory))
+            self._file = None
+        else:
+            self._tmpdir = None
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+            self._tmp = Path(tmp)
+            self._file = os.fdopen(fd, "wb")
+        self._first = True
+
+    def write(self, frame: pl.DataFrame) -> None:
+        if self.fmt == "parquet":
+            assert self._tmpdir is not None
+            part = self._tmpdir / f"{len(self._parts):08d}.parquet"
+            frame.write_parquet(part)
+            self._parts.append(part)
+        elif self.fmt == "csv":
+            _flatten_for_text(frame, "csv").write_csv(self._file, include_header=self._first)
+        else:
+            _flatten_for_text(frame, "jsonl").write_ndjson(self._file)
+        self._first = False
+
+    def commit(self, target: Path, metadata: dict[str, str] | None = None) -> None:
+        """Make the written rows ``target``, atomically, with ``metadata`` (see write_table)."""
+        if self.fmt == "parquet":
+            assert self._tmpdir is not None
+            kv = {f"batchgen.{k}": v for k, v in (metadata or {}).items()}
+
+            def merge(f: Any) -> None:
+                pl.scan_parquet(self._parts).sink_parquet(f, metadata=kv or None)
+
+            try:
+                _write_atomically(target, merge)
+            finally:
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+            return
+        assert self._file is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.chmod(self._tmp, _new_file_mode(target))
+        if metadata is not None:
+            text = json.dumps(metadata, indent=2, ensure_ascii=False).encode() + b"\n"
+            _write_atomically(metadata_path(target), lambda f: f.write(text))
+        os.replace(self._tmp, target)
+        _fsync_dir(target.parent)
+
+    def discard(self) -> None:
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                if self._file is not None and not self._file.closed:
+                    self._file.close()
+                os.unlink(self._tmp)

@@ -171,7 +171,7 @@ def test_changed_rows_are_sent_again_and_counted(simulator, tmp_path):
     changed = invoke(args, sim)
     assert changed.exit_code == 0
     assert sim.stats.requests == 12
-    assert "resumed: 8 done, 2 to go (2 changed since the last run)" in changed.stderr
+    assert "2 rows changed since the last run and were sent again" in changed.stderr
     frame = pl.read_csv(out)
     assert frame["reply"][2].startswith('Qwen (simulated) on "a new question"')
 
