@@ -100,14 +100,25 @@ def make_transport(config: RunConfig, *, backend: str = "aiohttp") -> httpx.Asyn
     from httpx_aiohttp import AiohttpTransport
 
     def session() -> aiohttp.ClientSession:
-        # trust_env: honour HTTPS_PROXY / NO_PROXY like httpx would (the transport's own
-        # session ignores them); SSL_CERT_FILE is honoured through httpx's SSL context.
+        # SSL_CERT_FILE is honoured through httpx's SSL context. Not trust_env: aiohttp then
+        # looks up proxies and .netrc in a thread for every request (2 executor jobs each).
         connector = aiohttp.TCPConnector(limit=config.concurrency,
                                          keepalive_timeout=limits.keepalive_expiry,
                                          ssl=httpx.create_ssl_context(trust_env=True))
-        return aiohttp.ClientSession(connector=connector, trust_env=True)
+        return aiohttp.ClientSession(connector=connector)
 
-    return AiohttpTransport(limits=limits, client=session)
+    return AiohttpTransport(limits=limits, client=session, proxy=_env_proxy(config.base_url))
+
+
+def _env_proxy(url: str) -> httpx.Proxy | None:
+    """HTTPS_PROXY / HTTP_PROXY / NO_PROXY for ``url``, looked up once for the run."""
+    import urllib.request
+
+    parsed = httpx.URL(url)
+    if urllib.request.proxy_bypass(parsed.host):
+        return None
+    proxy = urllib.request.getproxies().get(parsed.scheme)
+    return httpx.Proxy(proxy) if proxy else None
 
 
 class Caller:
@@ -170,7 +181,9 @@ class Caller:
                                 extensions=self.extensions)
         response = await self.transport.handle_async_request(request)
         try:
-            raw = await response.aread()
+            # The raw stream: no Accept-Encoding is sent, so the body is not compressed, and
+            # httpx's decoder pipeline costs more CPU than the read itself.
+            raw = b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]
         finally:
             await response.aclose()
         return response.status_code, response.headers, raw
