@@ -131,12 +131,6 @@ class Journal:
         self.close()
 
     # -- rows ------------------------------------------------------------------------------
-    def load(self) -> dict[str, Entry]:
-        assert self._db is not None
-        return {key: Entry(h, status, bool(final), json.loads(result))
-                for key, h, status, final, result in self._db.execute(
-                    "SELECT key, request_hash, status, final, result FROM rows")}
-
     def lookup(self, keys: list[str]) -> dict[str, Entry]:
         """The journalled rows among ``keys`` (a batch's worth: the journal is not loaded whole)."""
         assert self._db is not None

@@ -147,7 +147,7 @@ def build_messages(spec: PromptSpec, frame: pl.DataFrame,
     """One message list (or the reason it cannot be sent) per row, in row order.
 
     ``raw_messages`` are the messages cells exactly as the file held them, for formats where
-    reading into a typed column would change them (JSONL: see ``tables.read_jsonl_column``).
+    reading into a typed column would change them (JSONL: see ``tables.Source.batches``).
     """
     check_columns(spec, frame.columns, frame.schema)
     n = frame.height

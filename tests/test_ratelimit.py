@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -38,7 +39,7 @@ def busiest_second(times: list[float]) -> int:
 def test_fixed_rate_is_evenly_spaced_with_no_burst():
     clock = Clock()
     times = admit(Governor(600, adaptive=False, clock=clock, sleep=clock.sleep), clock, 50)
-    gaps = {round(b - a, 6) for a, b in zip(times, times[1:], strict=False)}
+    gaps = {round(b - a, 6) for a, b in itertools.pairwise(times)}
     assert gaps == {0.1}
     assert busiest_second(times) <= 11
 

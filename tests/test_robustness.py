@@ -8,6 +8,7 @@ import socketserver
 import stat
 import threading
 import time
+import typing
 from collections.abc import Iterator
 
 import polars as pl
@@ -186,3 +187,37 @@ def test_key_not_in_any_output_file(simulator, tmp_path):
         if path.is_file():
             assert KEY.encode() not in path.read_bytes(), path
     assert KEY not in result.stderr and KEY not in result.stdout
+
+
+class _ProxyHandler(socketserver.BaseRequestHandler):
+    seen: typing.ClassVar[list[bytes]] = []
+
+    def handle(self) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += self.request.recv(65536)
+        _ProxyHandler.seen.append(data.split(b"\r\n", 1)[0])
+        body = (b'{"output":{"choices":[{"finish_reason":"stop","message":{"role":"assistant",'
+                b'"content":"via proxy"}}]},"usage":{"input_tokens":3,"output_tokens":2,'
+                b'"total_tokens":5},"request_id":"p1"}')
+        self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+                             b"Connection: close\r\n\r\n" + body)
+
+
+def test_http_proxy_from_the_environment_is_used(tmp_path, monkeypatch):
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _ProxyHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.server_address[1]}")
+        source = write_prompts(tmp_path / "in.csv", ["a"])
+        result = invoke(["run", str(source), "-o", str(tmp_path / "o.csv"), "--base-url",
+                         "http://dashscope.invalid/api/v1"])
+        assert result.exit_code == 0, result.stderr
+        assert pl.read_csv(tmp_path / "o.csv")["reply"][0] == "via proxy"
+        assert _ProxyHandler.seen == [b"POST http://dashscope.invalid/api/v1/services/aigc/"
+                                      b"text-generation/generation HTTP/1.1"]
+    finally:
+        server.shutdown()
+        server.server_close()
