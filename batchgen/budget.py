@@ -74,16 +74,29 @@ def row_cost(price: ModelPrice | None, result: Any, cached_ratio: Decimal) -> De
                       cached_ratio=cached_ratio)
 
 
+def worst_output_tokens(price: ModelPrice, max_tokens: int | None, thinking: bool | None,
+                        thinking_budget: int | None) -> int:
+    """The most output tokens one request can bill. ``max_tokens`` caps the answer only:
+    reasoning comes on top, up to ``thinking_budget`` (else the model's longest output)."""
+    longest = price.max_output_tokens or 32_768
+    answer = max_tokens or longest
+    if thinking is False:
+        return answer
+    return answer + (thinking_budget or longest)
+
+
 class Budget:
     """``--max-cost``: spent plus the worst case of everything in flight stays under ``limit``."""
 
     def __init__(self, limit: Decimal, price: ModelPrice, prices: PriceTable, *,
-                 max_tokens: int | None, thinking: bool | None) -> None:
+                 max_tokens: int | None, thinking: bool | None,
+                 thinking_budget: int | None = None) -> None:
         self.limit = limit
         self.price = price
         self.prices = prices
-        self.max_output = max_tokens or price.max_output_tokens or 32_768
         self.thinking = thinking is not False  # unknown: assume the dearer mode
+        self.max_output = worst_output_tokens(price, max_tokens, thinking, thinking_budget)
+        self.refused: Decimal | None = None  # the worst case that no longer fit
         self.spent = Decimal(0)
         self.reserved = Decimal(0)
         self._settled = asyncio.Condition()
@@ -105,6 +118,7 @@ class Budget:
         async with self._settled:
             while not self._fits(worst):
                 if self.reserved == 0:
+                    self.refused = worst
                     return False
                 await self._settled.wait()
             self.reserved += worst

@@ -128,6 +128,10 @@ def _merge_job(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
                 if name == "params":  # --param KEY=... on the command line wins key by key
                     merged[name] = {**value, **dict(_split_params(options[name]))}
                 continue
+            if name == "params":  # a named flag on the command line (--max-tokens) wins too
+                value = {k: v for k, v in value.items()
+                         if k not in params or ctx.get_parameter_source(k)
+                         is not ParameterSource.COMMANDLINE}
             param = params[name]
             try:
                 merged[name] = (value if name == "params" or _kind(param) == "bool"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import tempfile
@@ -20,10 +21,16 @@ from typing import Any
 import polars as pl
 
 from batchgen import __version__
-from batchgen.budget import DEFAULT_OUTPUT_ASSUMPTION, Budget, count_input_tokens, thinks
+from batchgen.budget import (
+    DEFAULT_OUTPUT_ASSUMPTION,
+    Budget,
+    count_input_tokens,
+    thinks,
+    worst_output_tokens,
+)
 from batchgen.config import ENV_API_KEY, NO_KEY, RunConfig, parse_param_options, resolve_base_url
 from batchgen.errors import BatchgenError, UsageError
-from batchgen.journal import Journal, journal_path
+from batchgen.journal import Journal, LockedError, journal_path
 from batchgen.logs import event
 from batchgen.pricing import PriceTable, load_prices, region_of
 from batchgen.progress import JsonProgress, Progress, summary_line
@@ -132,13 +139,20 @@ def _endpoint(options: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
         yield simulator.base_url, sim_config.key
 
 
+def _check_config(prepared: Prepared) -> RunConfig:
+    """Every setting checked (ranges, NaN, the key's characters) before anything is touched."""
+    o = prepared.options
+    return _config(prepared, "http://checked.invalid",
+                   "checked" if o["simulate"] else os.environ.get(ENV_API_KEY, ""))
+
+
 def validate_command(**options: Any) -> int:
     """``batchgen validate``: every check ``run`` makes before sending, and nothing more."""
     prepared = _prepare(options)
     base_url = ("http://127.0.0.1:<free port>/api/v1" if options["simulate"]
                 else resolve_base_url(options["base_url"], options["region"]))
-    config = _config(prepared, "http://checked.invalid", "checked" if options["simulate"]
-                     else os.environ.get(ENV_API_KEY, ""))
+    config = _check_config(prepared)
+    _budget(options, _prices(options), prepared.parameters)
     output: Path = options["output_path"]
     _check_output_folder(output)
     sendable = prepared.source.total
@@ -194,6 +208,7 @@ async def _run_with_signals(prepared: Prepared, config: RunConfig, journal: Jour
         source = prepared.source
         return await arun_batches(source.batches(), source.total, config, prepared.spec,
                           write=writer.write, id_column=o["id_column"],
+                          endpoint="simulator" if o["simulate"] else config.base_url,
                           journal=journal, retry_errors=o["retry_errors"], control=control,
                           prices=prices, budget=budget, progress=progress)
     finally:
@@ -205,8 +220,12 @@ def run_command(**options: Any) -> int:
     """``batchgen run``: check, lock, resume from the journal, answer, write; the exit code."""
     started = datetime.now(UTC)
     summary = RunSummary(options, started)
+    if options["dry_run"]:
+        summary.options = {**options, "summary_path": None}  # a dry run writes nothing
     try:
         code = _run(options, summary)
+    except LockedError:
+        raise  # the summary belongs to the run holding the lock: leave it alone
     except BatchgenError as err:
         summary.write(exit_code=err.exit_code, error=str(err))
         raise
@@ -214,10 +233,16 @@ def run_command(**options: Any) -> int:
     return code
 
 
+def _region(options: Mapping[str, Any]) -> str:
+    """The region whose prices apply: the simulator bills like the default (intl)."""
+    if options["simulate"]:
+        return "intl"
+    return options["region"] or region_of(resolve_base_url(options["base_url"], None))
+
+
 def _prices(options: Mapping[str, Any]) -> PriceTable | None:
     """The price table for the run's region; None (no costs shown) if it has none and none is needed."""
-    region = ("intl" if options["simulate"]
-              else options["region"] or region_of(resolve_base_url(options["base_url"], None)))
+    region = _region(options)
     try:
         return load_prices(options["prices_path"], region=region)
     except UsageError:
@@ -230,6 +255,8 @@ def _budget(options: Mapping[str, Any], prices: PriceTable | None,
             parameters: Mapping[str, Any]) -> Budget | None:
     if options["max_cost"] is None:
         return None
+    if not math.isfinite(options["max_cost"]):
+        raise UsageError(f"--max-cost must be a number of US dollars, got {options['max_cost']}")
     model = options["model"]
     price = prices.lookup(model) if prices is not None else None
     if prices is None or price is None:
@@ -237,19 +264,22 @@ def _budget(options: Mapping[str, Any], prices: PriceTable | None,
         raise UsageError(f"--max-cost needs the price of {model}, which {where} does not have: "
                          "add it with --prices FILE")
     return Budget(Decimal(str(options["max_cost"])), price, prices,
-                  max_tokens=parameters.get("max_tokens"), thinking=thinks(model, parameters))
+                  max_tokens=parameters.get("max_tokens"), thinking=thinks(model, parameters),
+                  thinking_budget=parameters.get("thinking_budget"))
 
 
 def _run(options: dict[str, Any], summary: RunSummary) -> int:
     prepared = _prepare(options)
     prices = _prices(options)
     budget = _budget(options, prices, prepared.parameters)
+    _check_config(prepared)
     if options["dry_run"]:
         return _dry_run(prepared, prices)
     output: Path = options["output_path"]
     check_writable(output)
     with Journal(journal_path(output)) as journal:
         journal.lock(output)
+        journal.clean_leftovers(output)
         if options["fresh"]:
             journal.discard()
         journal.open()
@@ -268,9 +298,15 @@ def _run(options: dict[str, Any], summary: RunSummary) -> int:
                 target = output.with_name(f"{output.stem}.partial-{stamp}{output.suffix}")
             metadata = {"batchgen_version": __version__, "run_id": summary.run_id,
                         "model": config.model, "job": options.get("job") or "",
-                        "region": prices.region if prices else "",
+                        "region": _region(options),
                         "prices_version": prices.version if prices else ""}
-            writer.commit(target, metadata)
+            # A signal now would leave no output for answers already paid: hold it until the
+            # table is in place (it is delivered, and honoured, right after).
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            try:
+                writer.commit(target, metadata)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
         except (OSError, pl.exceptions.PolarsError) as exc:
             writer.discard()
             reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
@@ -288,9 +324,11 @@ def _run(options: dict[str, Any], summary: RunSummary) -> int:
     if target != output:
         log.warning("kept the existing %s; this run's table is %s", output, target)
     if result.stopped == "budget" and budget is not None:
-        log.warning("stopped by --max-cost: spent $%s of $%s; %s rows not sent are marked "
+        refused = (f" (the next request could cost up to ${budget.refused:.4f}; --max-tokens "
+                   "lowers that)" if budget.refused is not None else "")
+        log.warning("stopped by --max-cost: spent $%s of $%s%s; %s rows not sent are marked "
                     "skipped; run the same command with a higher --max-cost to continue",
-                    f"{budget.spent:.4f}", options["max_cost"], f"{stats.skipped:,}",
+                    f"{budget.spent:.4f}", options["max_cost"], refused, f"{stats.skipped:,}",
                     extra=event("stopped", reason="budget", spent_usd=str(budget.spent),
                                 skipped=stats.skipped))
     elif result.stopped is not None:
@@ -319,7 +357,8 @@ class RunSummary:
         s = self.result.stats
         return {"rows": {"total": s.total, "ok": s.ok, "error": s.error, "skipped": s.skipped,
                          "resumed": s.resumed, "changed": s.changed},
-                "tokens": {"input": s.input_tokens, "output": s.output_tokens},
+                "tokens": {"input": s.input_tokens, "output": s.output_tokens,
+                           "sent_input": s.sent_input_tokens, "sent_output": s.sent_output_tokens},
                 "cost": {"spent_usd": str(s.spent), "total_usd": str(s.cost),
                          "unpriced_rows": s.unpriced_rows} if s.priced else None,
                 "attempts": s.attempts, "error_codes": dict(s.error_codes.most_common())}
@@ -367,6 +406,9 @@ def cost_command(*, files: list[str], by: str, fmt: str, prices_path: str | None
     region = region or next((m["region"] for m in recorded if m.get("region")), "intl")
     prices = load_prices(prices_path, region=region)
     for path, meta in zip(paths, recorded, strict=True):
+        if meta.get("region") and meta["region"] != prices.region:
+            log.warning("%s was run in region %s; this report applies %s prices", path,
+                        meta["region"], prices.region)
         version = meta.get("prices_version")
         if version and version != prices.version:
             log.warning("%s was run with price table %s; this report applies %s", path,
@@ -384,7 +426,9 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
     o = prepared.options
     model = o["model"]
     route = o["endpoint"] or route_for_model(model)
-    previous = _journal_read_only(journal_path(o["output_path"]))
+    previous = {} if o["fresh"] else _journal_read_only(journal_path(o["output_path"]))
+    endpoint = ("simulator" if o["simulate"]
+                else resolve_base_url(o["base_url"], o["region"]).rstrip("/"))
     counts: list[int] = []
     empty = resumed = offset = 0
     for frame, raw in prepared.source.batches():
@@ -398,7 +442,7 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
                 continue
             entry = previous.get(key)
             body = build_body(model, messages, prepared.parameters, route)  # type: ignore[arg-type]
-            if entry is not None and entry.request_hash == request_hash(body) and \
+            if entry is not None and entry.request_hash == request_hash(body, endpoint) and \
                     (entry.status == "ok" or (entry.final and not o["retry_errors"])):
                 resumed += 1
                 continue
@@ -407,8 +451,10 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
     price = prices.lookup(model) if prices is not None else None
     max_tokens = prepared.parameters.get("max_tokens")
     typical = max_tokens or DEFAULT_OUTPUT_ASSUMPTION
-    most = max_tokens or (price.max_output_tokens if price else None)
-    thinking = thinks(model, prepared.parameters) is not False
+    mode = thinks(model, prepared.parameters)
+    thinking = mode is not False
+    most = (worst_output_tokens(price, max_tokens, mode, prepared.parameters.get("thinking_budget"))
+            if price else max_tokens)
     lines = [
         f"dry run: {n:,} of {prepared.source.total:,} rows would be sent to {model} ({route} "
         f"route); {resumed:,} already answered in the journal, {empty:,} empty (never sent)",

@@ -70,9 +70,11 @@ def expand(paths: list[str]) -> list[Path]:
         if os.path.exists(pattern):
             found.append(Path(pattern))
             continue
-        # A pattern such as out/* also matches journals, locks and sidecars: keep tables only.
+        # A pattern such as out/* also matches journals, locks and sidecars: keep tables only,
+        # and not the .partial- tables of stopped runs, whose rows the final output repeats.
         matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True))
-                   if Path(m).suffix.lower() in TABLE_SUFFIXES and Path(m).is_file()]
+                   if Path(m).suffix.lower() in TABLE_SUFFIXES and Path(m).is_file()
+                   and ".partial-" not in Path(m).name]
         if not matches:
             raise UsageError(f"no output file matches {pattern}")
         found.extend(matches)
@@ -86,12 +88,13 @@ def _load(path: Path) -> pl.DataFrame:
         raise UsageError(f"{path} is not a batchgen output: it has no {', '.join(missing)} "
                          "column(s)")
     meta = read_metadata(path)
+    _check_token_cells(path, frame)
     columns = [
         pl.col("model").cast(pl.String),
         pl.col("status").cast(pl.String),
         (pl.col("finish_reason").cast(pl.String) if "finish_reason" in frame.columns
          else pl.lit(None, pl.String)).alias("finish_reason"),
-        *[(pl.col(c).cast(pl.Int64, strict=False) if c in frame.columns
+        *[(pl.col(c).cast(pl.String).cast(pl.Float64).cast(pl.Int64) if c in frame.columns
            else pl.lit(None, pl.Int64)).fill_null(0).alias(c) for c in TOKEN_COLUMNS],
         # A row is thinking if it spent reasoning tokens or carries reasoning text.
         ((pl.col("reasoning_tokens").cast(pl.Int64, strict=False).fill_null(0) > 0
@@ -103,6 +106,20 @@ def _load(path: Path) -> pl.DataFrame:
         pl.lit(meta.get("job") or path.stem.split(".")[0], pl.String).alias("job"),
     ]
     return frame.select(columns)
+
+
+def _check_token_cells(path: Path, frame: pl.DataFrame) -> None:
+    """Token counts must be whole numbers: a cell that is not must not silently cost $0."""
+    for column in TOKEN_COLUMNS:
+        if column not in frame.columns:
+            continue
+        text = frame.get_column(column).cast(pl.String)
+        numbers = text.cast(pl.Float64, strict=False)
+        bad = int((text.is_not_null() & (numbers.is_null() | (numbers != numbers.floor())
+                                         | (numbers < 0))).sum())
+        if bad:
+            raise UsageError(f"{path}: {bad} cell(s) of {column} are not whole token counts "
+                             "(edited in a spreadsheet?): fix them or re-export the file")
 
 
 def _tier_index(frame: pl.DataFrame, prices: PriceTable) -> pl.DataFrame:

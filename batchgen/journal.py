@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -26,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from batchgen.errors import BatchgenError
+from batchgen.errors import BatchgenError, UsageError
 
 EXIT_LOCKED = 4
 SCHEMA_VERSION = "1"
@@ -54,9 +56,10 @@ def journal_path(output: str | os.PathLike[str]) -> Path:
     return output.with_name(output.name + ".journal")
 
 
-def request_hash(body: Mapping[str, Any]) -> str:
-    """A stable digest of what a request asks for; any change to it means a new request."""
-    canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+def request_hash(body: Mapping[str, Any], endpoint: str = "") -> str:
+    """A stable digest of what a request asks for, and of whom; any change means a new request."""
+    canonical = json.dumps({"endpoint": endpoint, "body": body}, sort_keys=True,
+                           ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -83,6 +86,17 @@ class Journal:
         self._db: sqlite3.Connection | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
+    def clean_leftovers(self, output: str | os.PathLike[str]) -> None:
+        """Remove temporary files a killed run left beside ``output`` (the lock is held)."""
+        output = Path(output)
+        for leftover in output.parent.glob(f".{glob.escape(output.name)}.*"):
+            if leftover.name.endswith((".tmp", ".parts")):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
+
     def lock(self, output: str | os.PathLike[str]) -> None:
         """Take the output's lock or fail at once: overlapping cron runs must not interleave."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,11 +114,17 @@ class Journal:
         self._lock_fd = fd
 
     def open(self) -> None:
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            self._db.execute("SELECT key, request_hash, status, final, result FROM rows LIMIT 1")
+        except sqlite3.Error as exc:
+            self.close_db()
+            raise UsageError(f"{self.path} is not a batchgen journal ({exc}): move it away, or "
+                             "pass --fresh to start this output over") from None
 
     def discard(self) -> None:
         """``--fresh``: forget every recorded row (the lock is already held)."""

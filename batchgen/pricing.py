@@ -116,8 +116,10 @@ def _read(path: Path | None) -> dict[str, Any]:
         return tomllib.loads(path.read_text("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"price file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"price file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read the price file {path}: {exc.strerror or exc}") from None
 
 
 def load_prices(overrides: str | os.PathLike[str] | None = None, *, region: str = "intl",
@@ -127,16 +129,23 @@ def load_prices(overrides: str | os.PathLike[str] | None = None, *, region: str 
     override_path = overrides or environ.get(ENV_PRICES) or None
     extra = _read(Path(override_path)) if override_path else {}
     regions = {**base.get("regions", {})}
-    for name, table in extra.get("regions", {}).items():
+    extra_regions = extra.get("regions", {})
+    where = str(override_path) if override_path else "the built-in price table"
+    if not isinstance(extra_regions, dict) or not all(
+            isinstance(t, dict) and isinstance(t.get("models", {}), dict)
+            for t in extra_regions.values()):
+        raise UsageError(f"{where}: [regions.NAME] must be tables, each with a [regions.NAME.models] "
+                         "table (see batchgen/data/prices.toml)")
+    for name, table in extra_regions.items():
         merged = {**regions.get(name, {}), **{k: v for k, v in table.items() if k != "models"}}
         merged["models"] = {**regions.get(name, {}).get("models", {}), **table.get("models", {})}
         regions[name] = merged
     if region not in regions:
         raise UsageError(f"the price table has no prices for region {region!r} (it has "
                          f"{', '.join(regions)}): add them with --prices FILE")
-    where = str(override_path) if override_path else "the built-in price table"
     chosen = regions[region]
-    models = {name: _model(name, entry, where) for name, entry in chosen.get("models", {}).items()}
+    models = {name: _model(name, entry if isinstance(entry, dict) else {}, where)
+              for name, entry in chosen.get("models", {}).items()}
     version = str(extra.get("version") or base["version"])
     if override_path and "version" not in extra:
         version = f"{base['version']}+{Path(override_path).name}"

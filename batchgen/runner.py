@@ -92,8 +92,10 @@ class RunStats:
     skipped: int = 0
     resumed: int = 0  # rows taken from the journal instead of being sent again
     changed: int = 0  # journalled rows sent again because their request changed
-    input_tokens: int = 0
+    input_tokens: int = 0  # every row of the output, resumed ones included
     output_tokens: int = 0
+    sent_input_tokens: int = 0  # this run's requests only
+    sent_output_tokens: int = 0
     attempts: int = 0
     error_codes: Counter[str] = field(default_factory=Counter)
     finished: float | None = None
@@ -134,6 +136,8 @@ class RunStats:
             self.resumed += 1
         else:
             self.attempts += result.attempts or 0
+            self.sent_input_tokens += result.input_tokens or 0
+            self.sent_output_tokens += result.output_tokens or 0
 
 
 STOP_NOW = "batchgen: stop now"
@@ -279,6 +283,7 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
                        spec: PromptSpec = PromptSpec(), *,
                        write: Callable[[pl.DataFrame], None],
                        id_column: str | None = None,
+                       endpoint: str | None = None,
                        journal: Journal | None = None,
                        retry_errors: bool = False,
                        control: RunControl | None = None,
@@ -293,7 +298,9 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
     ``BATCHES_AHEAD`` are held at a time, so memory does not grow with the table. With a
     ``journal`` (opened, locked), rows it holds for the same request are taken from it instead
     of being sent (permanent row errors too, unless ``retry_errors``) and every row that
-    finishes is recorded at once; rows are keyed by ``id_column`` or their row number.
+    finishes is recorded at once; rows are keyed by ``id_column`` or their row number, and
+    a journalled answer counts only for the same ``endpoint`` (default: the base URL), so a
+    simulated answer is never taken for a real one.
     ``control`` stops the run from outside; a ``budget`` stops it before it could be
     overspent. ``transport`` replaces the default aiohttp-backed httpx transport.
     """
@@ -363,7 +370,7 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
                                                attempts=0, finished_at=_now()))
                     continue
                 body = build_body(config.model, item, config.parameters, route)
-                digest = request_hash(body)
+                digest = request_hash(body, endpoint or config.base_url)
                 entry = previous.get(keys[i])
                 if entry is not None and entry.request_hash == digest:
                     if entry.status == OK or (entry.final and not retry_errors):
@@ -432,6 +439,11 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
                         return
                     if sending():
                         await send(*item)
+                except Exception as exc:  # journal write failed (disk full), a bug: stop cleanly
+                    log.debug("row %s failed", item[2] if item else "?", exc_info=True)
+                    fatal.append(APIError(None, "batchgen.InternalError",
+                                          f"{type(exc).__name__}: {exc}", None, Disposition.FATAL))
+                    caller.interrupt()
                 except asyncio.CancelledError as exc:
                     if exc.args != (STOP_NOW,):
                         raise

@@ -189,10 +189,11 @@ def test_dry_run_counts_and_estimates_and_sends_nothing(simulator, tmp_path):
     assert "1 empty" in lines[0]
     # Qwen tokenizer: "Hello world" = 2 tokens, "How are you today?" = 5; + 5 per message + 3.
     assert lines[1].startswith("input tokens: 23 counted with the Qwen tokenizer")
-    # expected: 23 × 0.40 + 200 × 1.20 = 249.2 µ$; empty replies 9.2 µ$; worst, thinking
-    # price (thinking is not switched off): 23 × 0.40 + 200 × 4.00 = 809.2 µ$
-    assert lines[3] == ("estimated cost: $0.0002 (range $0.0000 with empty replies to $0.0008 "
-                        "with every reply at 100 tokens, thinking)")
+    # expected: 23 × 0.40 + 200 × 1.20 = 249.2 µ$; empty replies 9.2 µ$; worst: thinking is
+    # not switched off, and reasoning is not capped by --max-tokens, so each reply may bill
+    # 100 + 32,768 (qwen-plus's longest) tokens at 4.00: 9.2 + 2 × 32868 × 4.00 = 262953.2 µ$
+    assert lines[3] == ("estimated cost: $0.0002 (range $0.0000 with empty replies to $0.2630 "
+                        "with every reply at 32,868 tokens, thinking)")
     assert lines[-1] == "time: at least 2.0 s at --rpm 60 (2 requests, 16 at a time)"
     assert sim.stats.requests == 0
     assert list(tmp_path.iterdir()) == [source]  # no output, journal, lock or summary
@@ -219,8 +220,8 @@ def test_max_cost_stops_the_run_before_the_budget_is_passed(simulator, tmp_path)
     sim = simulator(latency=0.02)
     source = write_prompts(tmp_path / "in.csv", [f"Question {i}: why?" for i in range(60)])
     out = tmp_path / "o.csv"
-    args = ["run", str(source), "-o", str(out), "--max-tokens", "200", "--rpm", "60000",
-            "--max-cost", "0.002", "--summary", str(tmp_path / "s.json")]
+    args = ["run", str(source), "-o", str(out), "--max-tokens", "200", "--disable-thinking",
+            "--rpm", "60000", "--max-cost", "0.002", "--summary", str(tmp_path / "s.json")]
 
     result = invoke(args, sim)
 
@@ -255,3 +256,56 @@ def test_progress_and_summary_show_the_cost(simulator, tmp_path):
     expected = sum(Decimal(i) * Decimal("0.40") + Decimal(o) * Decimal("1.20")
                    for i, o in zip(frame["input_tokens"], frame["output_tokens"], strict=True))
     assert Decimal(summary["cost"]["spent_usd"]) == expected / 1_000_000
+
+
+def test_max_cost_counts_reasoning_beyond_max_tokens(simulator, tmp_path):
+    """--max-tokens caps the answer, not the reasoning: the guard must budget both."""
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", [f"Think about {i}." for i in range(30)])
+    result = invoke(["run", str(source), "-o", "o.csv", "--enable-thinking", "--max-tokens", "1",
+                     "--thinking-budget", "40", "--max-cost", "0.0005", "--rpm", "60000",
+                     "--summary", "s.json"], sim)
+    assert result.exit_code == 5
+    spent = Decimal(json.loads((tmp_path / "s.json").read_text())["cost"]["spent_usd"])
+    assert Decimal(0) < spent <= Decimal("0.0005")
+
+
+def test_a_budget_below_one_request_says_why(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["a"])
+    result = invoke(["run", str(source), "-o", "o.csv", "--max-cost", "0.01"], sim)
+    assert result.exit_code == 5 and sim.stats.requests == 0
+    # 32,768 answer + 32,768 reasoning tokens at 4.00 = $0.2621 (plus a few input tokens)
+    assert "the next request could cost up to $0.2621" in result.stderr
+
+
+def test_globs_skip_the_partial_tables_of_stopped_runs(tmp_path):
+    (tmp_path / "out.csv").write_bytes(FIXTURE.read_bytes())
+    (tmp_path / "out.partial-20261101T000000Z.csv").write_bytes(FIXTURE.read_bytes())
+    report = json.loads(invoke(["cost", str(tmp_path / "*"), "--format", "json"]).stdout)
+    assert report["total"]["rows"] == 11 and len(report["files"]) == 1
+
+
+def test_token_cells_that_are_not_whole_numbers_are_an_error(tmp_path):
+    text = FIXTURE.read_text().replace(",1000,500,1500,", ",1000.0,500.5,1500,", 1)
+    (tmp_path / "o.csv").write_text(text)
+    result = invoke(["cost", str(tmp_path / "o.csv")])
+    assert result.exit_code == 2
+    assert "1 cell(s) of output_tokens are not whole token counts" in result.stderr
+
+
+def test_cost_warns_when_the_run_was_in_another_region(tmp_path):
+    (tmp_path / "o.csv").write_bytes(FIXTURE.read_bytes())
+    (tmp_path / "o.csv.meta.json").write_text('{"region": "cn"}')
+    result = invoke(["cost", str(tmp_path / "o.csv"), "--region", "intl"])
+    assert "was run in region cn; this report applies intl prices" in result.stderr
+
+
+@pytest.mark.parametrize("text", ['regions = "x"', "[regions.intl]\nmodels = 5", "version = ["],
+                         ids=["regions-not-table", "models-not-table", "bad-toml"])
+def test_malformed_price_files_are_one_line(tmp_path, text):
+    bad = tmp_path / "p.toml"
+    bad.write_text(text)
+    result = invoke(["cost", str(FIXTURE), "--prices", str(bad)])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

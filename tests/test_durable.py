@@ -252,3 +252,42 @@ def test_summary_is_written_for_a_run_that_could_not_start(tmp_path):
     assert result.exit_code == 2
     data = json.loads(summary.read_text())
     assert data["exit_code"] == 2 and "input file not found" in data["error"]
+
+
+def test_a_locked_run_leaves_the_running_jobs_summary_alone(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["a"])
+    out, summary = tmp_path / "out.csv", tmp_path / "s.json"
+    summary.write_text('{"exit_code": 0}')
+    with Journal(journal_path(out)) as holder:
+        holder.lock(out)
+        result = invoke(["run", str(source), "-o", str(out), "--summary", str(summary)], sim)
+    assert result.exit_code == 4 and summary.read_text() == '{"exit_code": 0}'
+
+
+def test_answers_from_another_endpoint_are_not_reused(simulator, tmp_path):
+    first, second = simulator(), simulator()
+    source = write_prompts(tmp_path / "in.csv", ["a", "b"])
+    args = ["run", str(source), "-o", "o.csv"]
+    assert invoke(args, first).exit_code == 0
+    assert invoke(args, second).exit_code == 0
+    assert second.stats.requests == 2  # e.g. --simulate answers never stand in for real ones
+
+
+def test_a_corrupt_journal_is_one_line_naming_fresh(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["a"])
+    journal_path(tmp_path / "o.csv").write_bytes(b"this is not sqlite" * 100)
+    result = invoke(["run", str(source), "-o", "o.csv"], sim)
+    assert result.exit_code == 2 and "is not a batchgen journal" in result.stderr
+    assert "--fresh" in result.stderr and "Traceback" not in result.stderr
+    assert invoke(["run", str(source), "-o", "o.csv", "--fresh"], sim).exit_code == 0
+
+
+def test_leftovers_of_a_killed_run_are_cleaned_up(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["a"])
+    (tmp_path / ".o.parquet.abc.tmp").write_text("x")
+    (tmp_path / ".o.parquet.def.parts").mkdir()
+    assert invoke(["run", str(source), "-o", "o.parquet"], sim).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

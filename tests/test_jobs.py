@@ -152,3 +152,14 @@ def test_validate_simulate_needs_no_key(tmp_path):
     result = invoke(["validate", str(source), "-o", str(tmp_path / "o.csv"), "--simulate"],
                     key=None)
     assert result.exit_code == 0
+
+
+def test_a_named_flag_overrides_the_jobs_parameters(simulator, tmp_path):
+    sim = simulator()
+    write_prompts(tmp_path / "in.csv", ["Tell me a long story about the sea."])
+    job = write_job(tmp_path / "j.toml", 'input = "in.csv"\noutput = "o.csv"\n'
+                    '[parameters]\nmax_tokens = 50\n')
+    result = invoke(["run", "--job", str(job), "--max-tokens", "3"], sim)
+    assert result.exit_code == 0, result.stderr
+    row = pl.read_csv(tmp_path / "o.csv").row(0, named=True)
+    assert row["output_tokens"] == 3 and row["finish_reason"] == "length"
