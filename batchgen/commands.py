@@ -283,7 +283,12 @@ def _run(options: dict[str, Any], summary: RunSummary) -> int:
         if options["fresh"]:
             journal.discard()
         journal.open()
-        writer = TableWriter(output.parent, output.name, prepared.output_format)  # type: ignore[arg-type]
+        metadata = {"batchgen_version": __version__, "run_id": summary.run_id,
+                    "model": options["model"], "job": options.get("job") or "",
+                    "region": _region(options),
+                    "prices_version": prices.version if prices else ""}
+        writer = TableWriter(output.parent, output.name, prepared.output_format,  # type: ignore[arg-type]
+                             metadata)
         try:
             with _endpoint(options) as (url, key):
                 config = _config(prepared, url, key)
@@ -296,15 +301,11 @@ def _run(options: dict[str, Any], summary: RunSummary) -> int:
                 # A stopped, refused or all-failed run never replaces earlier answers.
                 stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
                 target = output.with_name(f"{output.stem}.partial-{stamp}{output.suffix}")
-            metadata = {"batchgen_version": __version__, "run_id": summary.run_id,
-                        "model": config.model, "job": options.get("job") or "",
-                        "region": _region(options),
-                        "prices_version": prices.version if prices else ""}
             # A signal now would leave no output for answers already paid: hold it until the
             # table is in place (it is delivered, and honoured, right after).
             held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             try:
-                writer.commit(target, metadata)
+                writer.commit(target)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
         except (OSError, pl.exceptions.PolarsError) as exc:

@@ -13,8 +13,9 @@ import ctypes
 import functools
 import json
 import os
-import shutil
+import queue
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,33 +365,65 @@ def release_memory() -> None:
 class TableWriter:
     """Writes an output table batch by batch into a temporary file, then renames it into place.
 
-    CSV and JSONL batches are appended to one temporary file; Parquet batches become parts that
-    ``commit`` streams into one file (one row group per batch) before the rename. Nothing is
-    visible at the target until ``commit``; ``discard`` removes every trace.
+    CSV and JSONL batches are appended to the temporary file. Parquet batches stream through
+    polars' ``sink_parquet`` running in a thread behind a small queue (one row group per
+    16K rows), so neither format holds more than a couple of batches in memory. Nothing is
+    visible at the target until ``commit``; ``discard`` removes every trace. ``metadata`` goes
+    into Parquet's key-value metadata, or a ``.meta.json`` sidecar for CSV and JSONL.
     """
 
-    def __init__(self, directory: Path, name: str, fmt: Format) -> None:
+    def __init__(self, directory: Path, name: str, fmt: Format,
+                 metadata: dict[str, str] | None = None) -> None:
         self.fmt = fmt
-        self.directory = directory
+        self.metadata = metadata
         directory.mkdir(parents=True, exist_ok=True)
-        self._parts: list[Path] = []
-        if fmt == "parquet":
-            self._tmpdir: Path | None = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".parts",
-                                                              dir=directory))
-            self._file = None
-        else:
-            self._tmpdir = None
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-            self._tmp = Path(tmp)
-            self._file = os.fdopen(fd, "wb")
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+        self._tmp = Path(tmp)
+        self._file: Any = os.fdopen(fd, "wb")
         self._first = True
+        self._queue: queue.Queue[pl.DataFrame | None] | None = None
+        self._sink: threading.Thread | None = None
+        self._sink_error: BaseException | None = None
+
+    def _start_sink(self, schema: pl.Schema) -> None:
+        from polars.io.plugins import register_io_source
+
+        self._file.close()  # polars writes the file itself
+        self._queue = queue.Queue(maxsize=2)
+        batches = self._queue
+
+        def source(*_: Any) -> Iterator[pl.DataFrame]:
+            while (batch := batches.get()) is not None:
+                yield batch
+
+        kv = {f"batchgen.{k}": v for k, v in (self.metadata or {}).items()}
+        frames = register_io_source(io_source=source, schema=schema)
+
+        def sink() -> None:
+            try:
+                frames.sink_parquet(self._tmp, metadata=kv or None,
+                                    row_group_size=DEFAULT_BATCH_ROWS * 4)
+            except BaseException as exc:  # reported by commit
+                self._sink_error = exc
+
+        self._sink = threading.Thread(target=sink, name="batchgen-parquet-sink", daemon=True)
+        self._sink.start()
+
+    def _put(self, item: pl.DataFrame | None) -> None:
+        assert self._queue is not None and self._sink is not None
+        while True:
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if not self._sink.is_alive():  # the sink failed: commit reports why
+                    return
 
     def write(self, frame: pl.DataFrame) -> None:
         if self.fmt == "parquet":
-            assert self._tmpdir is not None
-            part = self._tmpdir / f"{len(self._parts):08d}.parquet"
-            frame.write_parquet(part)
-            self._parts.append(part)
+            if self._sink is None:
+                self._start_sink(frame.schema)
+            self._put(frame)
         elif self.fmt == "csv":
             _flatten_for_text(frame, "csv").write_csv(self._file, include_header=self._first)
         else:
@@ -398,37 +431,30 @@ class TableWriter:
         self._first = False
         release_memory()
 
-    def commit(self, target: Path, metadata: dict[str, str] | None = None) -> None:
-        """Make the written rows ``target``, atomically, with ``metadata`` (see write_table)."""
-        if self.fmt == "parquet":
-            assert self._tmpdir is not None
-            kv = {f"batchgen.{k}": v for k, v in (metadata or {}).items()}
+    def _finish(self) -> None:
+        if self._sink is not None:
+            self._put(None)
+            self._sink.join()
+            if self._sink_error is not None:
+                raise self._sink_error
+        elif not self._file.closed:
+            self._file.flush()
+            self._file.close()
 
-            def merge(f: Any) -> None:
-                pl.scan_parquet(self._parts).sink_parquet(f, metadata=kv or None,
-                                                          row_group_size=DEFAULT_BATCH_ROWS * 4)
-
-            try:
-                _write_atomically(target, merge)
-            finally:
-                shutil.rmtree(self._tmpdir, ignore_errors=True)
-            return
-        assert self._file is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+    def commit(self, target: Path) -> None:
+        """Make the written rows ``target``, atomically, with the metadata."""
+        self._finish()
+        with open(self._tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.chmod(self._tmp, _new_file_mode(target))
-        if metadata is not None:
-            text = json.dumps(metadata, indent=2, ensure_ascii=False).encode() + b"\n"
+        if self.fmt != "parquet" and self.metadata is not None:
+            text = json.dumps(self.metadata, indent=2, ensure_ascii=False).encode() + b"\n"
             _write_atomically(metadata_path(target), lambda f: f.write(text))
         os.replace(self._tmp, target)
         _fsync_dir(target.parent)
 
     def discard(self) -> None:
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                if self._file is not None and not self._file.closed:
-                    self._file.close()
-                os.unlink(self._tmp)
+        with contextlib.suppress(BaseException):
+            self._finish()
+        with contextlib.suppress(OSError):
+            os.unlink(self._tmp)
