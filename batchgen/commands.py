@@ -33,7 +33,7 @@ from batchgen.errors import BatchgenError, UsageError
 from batchgen.journal import Journal, LockedError, journal_path
 from batchgen.logs import event
 from batchgen.pricing import PriceTable, load_prices, region_of
-from batchgen.progress import JsonProgress, Progress, summary_line
+from batchgen.progress import JsonProgress, Progress, duration, summary_line
 from batchgen.prompts import PromptSpec, build_messages, check_columns
 from batchgen.protocol import ROUTE_PATHS
 from batchgen.runner import RunControl, RunResult, arun_batches, check_collisions, exit_code
@@ -483,18 +483,10 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
                      f"{', thinking' if thinking and any(t.output_thinking for t in price.tiers) else ''})")
         lines.append(f"prices: {prices.describe()}")  # type: ignore[union-attr]
     seconds = n * 60 / o["rpm"]
-    lines.append(f"time: at least {_human_seconds(seconds)} at --rpm {o['rpm']:g} "
+    lines.append(f"time: at least {duration(seconds)} at --rpm {o['rpm']:g} "
                  f"({n:,} requests, {o['concurrency']} at a time)")
     print("\n".join(lines))
     return 0
-
-
-def _human_seconds(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _journal_read_only(path: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from batchgen.runner import RunStats
 BAR_WIDTH = 24
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = round(seconds)
     if seconds < 60:
         return f"{seconds}s"
@@ -38,7 +38,7 @@ def status_line(stats: RunStats, *, bar: bool = False) -> str:
     sent = done - stats.resumed  # rows taken from the journal say nothing about speed
     rate = sent / max(stats.elapsed, 1e-9)
     remaining = total - done
-    eta = _duration(remaining / rate) if rate > 0 and remaining else ("-" if remaining else "0s")
+    eta = duration(remaining / rate) if rate > 0 and remaining else ("-" if remaining else "0s")
     share = done / total if total else 1.0
     head = f"{done:,}/{total:,} rows ({share:.0%})"
     if bar:

@@ -79,14 +79,20 @@ def _first_bad_jsonl_line(path: Path) -> str | None:
     return None
 
 
-def read_table(path: str | os.PathLike[str], fmt: str | None = None) -> pl.DataFrame:
-    """Read a whole input table; CSV cells stay strings so nothing is reinterpreted."""
+def _input(path: str | os.PathLike[str], fmt: str | None) -> tuple[Path, Format]:
+    """The input's path and format, or why it cannot be read at all."""
     path = Path(path)
-    fmt = format_of(path, fmt, role="input")
+    found = format_of(path, fmt, role="input")
     if not path.exists():
         raise UsageError(f"input file not found: {path}")
     if path.is_dir():
         raise UsageError(f"input {path} is a directory, not a file")
+    return path, found
+
+
+def read_table(path: str | os.PathLike[str], fmt: str | None = None) -> pl.DataFrame:
+    """Read a whole input table; CSV cells stay strings so nothing is reinterpreted."""
+    path, fmt = _input(path, fmt)
     try:
         if fmt == "csv":
             frame = pl.read_csv(path, infer_schema=False, encoding="utf8")
@@ -304,12 +310,7 @@ def open_source(path: str | os.PathLike[str], fmt: str | None = None, *,
     The whole file is checked before the first request (UTF-8 for CSV, every line for JSONL,
     the footer for Parquet), so a bad row 900,000 cannot stop a run that has been paying.
     """
-    path = Path(path)
-    fmt = format_of(path, fmt, role="input")
-    if not path.exists():
-        raise UsageError(f"input file not found: {path}")
-    if path.is_dir():
-        raise UsageError(f"input {path} is a directory, not a file")
+    path, fmt = _input(path, fmt)
     try:
         if fmt == "csv":
             offset = _first_bad_utf8(path)

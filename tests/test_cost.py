@@ -194,7 +194,7 @@ def test_dry_run_counts_and_estimates_and_sends_nothing(simulator, tmp_path):
     # 100 + 32,768 (qwen-plus's longest) tokens at 4.00: 9.2 + 2 × 32868 × 4.00 = 262953.2 µ$
     assert lines[3] == ("estimated cost: $0.0002 (range $0.0000 with empty replies to $0.2630 "
                         "with every reply at 32,868 tokens, thinking)")
-    assert lines[-1] == "time: at least 2.0 s at --rpm 60 (2 requests, 16 at a time)"
+    assert lines[-1] == "time: at least 2s at --rpm 60 (2 requests, 16 at a time)"
     assert sim.stats.requests == 0
     assert list(tmp_path.iterdir()) == [source]  # no output, journal, lock or summary
 
