@@ -30,7 +30,7 @@ from batchgen.budget import (
 )
 from batchgen.config import ENV_API_KEY, NO_KEY, RunConfig, parse_param_options, resolve_base_url
 from batchgen.errors import BatchgenError, UsageError
-from batchgen.journal import Journal, LockedError, journal_path
+from batchgen.journal import Journal, LockedError, journal_path, row_keys
 from batchgen.logs import event
 from batchgen.pricing import PriceTable, load_prices, region_of
 from batchgen.progress import JsonProgress, Progress, duration, summary_line
@@ -434,8 +434,7 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
     empty = resumed = offset = 0
     for frame, raw in prepared.source.batches():
         plan = build_messages(prepared.spec, frame, raw)
-        keys = (frame.get_column(o["id_column"]).cast(pl.String).to_list() if o["id_column"]
-                else [str(offset + i) for i in range(frame.height)])
+        keys = row_keys(frame, o["id_column"], offset)
         offset += frame.height
         for key, messages in zip(keys, plan, strict=True):
             if isinstance(messages, RowProblem):
@@ -443,8 +442,8 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
                 continue
             entry = previous.get(key)
             body = build_body(model, messages, prepared.parameters, route)  # type: ignore[arg-type]
-            if entry is not None and entry.request_hash == request_hash(body, endpoint) and \
-                    (entry.status == "ok" or (entry.final and not o["retry_errors"])):
+            if entry is not None and entry.answers(request_hash(body, endpoint),
+                                                   retry_errors=o["retry_errors"]):
                 resumed += 1
                 continue
             counts.append(count_input_tokens(model, body["input"]["messages"]))

@@ -72,6 +72,18 @@ class Entry:
     final: bool  # a permanent outcome: ok, or an error sending it again would repeat
     result: dict[str, Any]
 
+    def answers(self, digest: str, *, retry_errors: bool) -> bool:
+        """Whether this entry stands for the request ``digest`` so it need not be sent again."""
+        return self.request_hash == digest and (
+            self.status == "ok" or (self.final and not retry_errors))
+
+
+def row_keys(frame: Any, id_column: str | None, offset: int) -> list[str]:
+    """A batch's journal keys: its --id-column values, else its row numbers in the table."""
+    if id_column:
+        return frame.get_column(id_column).cast(str).to_list()
+    return [str(offset + i) for i in range(frame.height)]
+
 
 def _encode(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value

@@ -23,7 +23,7 @@ from batchgen.budget import Budget, count_input_tokens, row_cost
 from batchgen.client import Caller, CallOutcome, make_transport
 from batchgen.config import RunConfig
 from batchgen.errors import FatalAPIError, UsageError
-from batchgen.journal import Entry, Journal, request_hash
+from batchgen.journal import Entry, Journal, request_hash, row_keys
 from batchgen.pricing import PriceTable
 from batchgen.prompts import PromptSpec, RowProblem, build_messages
 from batchgen.protocol import APIError, Disposition, build_body, fatal_hint
@@ -360,8 +360,7 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
             batch = _Pending(offset, frame, [None] * frame.height)
             pending.append(batch)
             plan = build_messages(spec, frame, raw)
-            keys = (frame.get_column(id_column).cast(pl.String).to_list() if id_column
-                    else [str(offset + i) for i in range(frame.height)])
+            keys = row_keys(frame, id_column, offset)
             previous = journal.lookup(keys) if journal is not None else {}
             for i, item in enumerate(plan):
                 if isinstance(item, RowProblem):
@@ -372,11 +371,10 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
                 body = build_body(config.model, item, config.parameters, route)
                 digest = request_hash(body, endpoint or config.base_url)
                 entry = previous.get(keys[i])
-                if entry is not None and entry.request_hash == digest:
-                    if entry.status == OK or (entry.final and not retry_errors):
-                        finish(batch, i, _from_journal(entry), resumed=True)
-                        continue
-                elif entry is not None:
+                if entry is not None and entry.answers(digest, retry_errors=retry_errors):
+                    finish(batch, i, _from_journal(entry), resumed=True)
+                    continue
+                if entry is not None and entry.request_hash != digest:
                     stats.changed += 1
                 if not sending():
                     skip(batch, i)
