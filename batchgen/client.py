@@ -18,14 +18,19 @@ import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.stop import stop_base
 
-from batchgen import __version__
+from batchgen import __version__, compat, protocol
 from batchgen.config import RunConfig
-from batchgen.protocol import ROUTE_PATHS, APIError, Disposition, Reply, interpret
+from batchgen.protocol import APIError, Disposition, Reply, StreamAssembler
 from batchgen.ratelimit import Governor, throttle_kind
+from batchgen.sse import SSEDecoder
 
 BACKOFF_INITIAL = 0.5  # seconds; the official SDK's values
 BACKOFF_MAX = 8.0
 BACKOFF_JITTER = 0.25
+
+# DashScope's gateway refuses bodies over 16 MiB, or 64 MiB when they carry base64 images.
+MAX_BODY = 16 * 1024 * 1024
+MAX_BODY_BASE64 = 64 * 1024 * 1024
 
 
 _INTERRUPT = "batchgen: the run stopped"
@@ -121,6 +126,33 @@ def _env_proxy(url: str) -> httpx.Proxy | None:
     return httpx.Proxy(proxy) if proxy else None
 
 
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """What differs between the native API and the OpenAI-compatible one, for the Caller."""
+
+    interpret: Callable[[int, Any, bytes], Reply | APIError]
+    stream: Callable[[str | None], Any]  # a StreamAssembler with add(event) -> APIError | None
+    streamed_body: Callable[[dict[str, Any]], dict[str, Any]]
+
+
+DIALECTS = {
+    "dashscope": Dialect(protocol.interpret, protocol.NativeStream, protocol.streamed_body),
+    "openai": Dialect(compat.interpret, compat.OpenAIStream, compat.streamed_body),
+}
+
+
+def _too_large(content: bytes) -> APIError | None:
+    """A body the gateway would refuse with 413: a row error before sending, not after."""
+    limit, what = ((MAX_BODY_BASE64, "with base64 images") if b";base64," in content
+                   else (MAX_BODY, "without base64 data"))
+    if len(content) <= limit:
+        return None
+    return APIError(None, "batchgen.TooLarge",
+                    f"the request is {len(content) / 2**20:.1f} MiB, over DashScope's "
+                    f"{limit // 2**20} MiB limit for a body {what}: send fewer or smaller images "
+                    "(or image URLs), or a shorter prompt", None, Disposition.ROW_ERROR)
+
+
 class Caller:
     """Sends request bodies with pacing and retries; one per run.
 
@@ -135,9 +167,15 @@ class Caller:
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.config = config
         self.transport = transport
-        self.url = httpx.URL(config.base_url + ROUTE_PATHS[config.effective_route])
+        self.url = httpx.URL(config.url)
+        self.dialect = DIALECTS[config.api]
+        self.stream = config.effective_stream
         headers = {"Authorization": f"Bearer {config.api_key}", "Content-Type": "application/json",
                    "Accept": "application/json", "User-Agent": f"batchgen/{__version__}"}
+        if self.stream:
+            headers["Accept"] = "text/event-stream"
+            if config.api == "dashscope":
+                headers["X-DashScope-SSE"] = "enable"
         if config.workspace:
             headers["X-DashScope-WorkSpace"] = config.workspace
         self.headers = httpx.Headers(headers)
@@ -176,17 +214,40 @@ class Caller:
     async def _backoff(self, seconds: float) -> None:
         await self._hold(self._sleep(seconds))
 
-    async def _post(self, content: bytes) -> tuple[int, httpx.Headers, bytes]:
+    async def _post(self, content: bytes) -> Reply | APIError:
         request = httpx.Request("POST", self.url, headers=self.headers, content=content,
                                 extensions=self.extensions)
         response = await self.transport.handle_async_request(request)
         try:
+            if self.stream and response.status_code == 200 and response.headers.get(
+                    "content-type", "").startswith("text/event-stream"):
+                return await self._read_stream(response)
             # The raw stream: no Accept-Encoding is sent, so the body is not compressed, and
             # httpx's decoder pipeline costs more CPU than the read itself.
             raw = b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]
         finally:
             await response.aclose()
-        return response.status_code, response.headers, raw
+        return self.dialect.interpret(response.status_code, response.headers, raw)
+
+    async def _read_stream(self, response: httpx.Response) -> Reply | APIError:
+        """Assemble a streamed answer as it arrives; an error event or a cut ends it early."""
+        assembler: StreamAssembler = self.dialect.stream(response.headers.get("x-request-id"))
+        decoder = SSEDecoder()
+        try:
+            async for chunk in response.stream:  # type: ignore[union-attr]
+                for event in decoder.feed(chunk):
+                    error = assembler.add(event)  # type: ignore[attr-defined]
+                    if error is not None:
+                        return error
+        except Exception as exc:  # the connection broke mid-stream: what came is not enough
+            cause = exc.__cause__ or exc
+            return assembler.cut(f"the stream broke ({type(cause).__name__}: "
+                                 f"{str(cause) or 'no detail'})")
+        for event in decoder.close():
+            error = assembler.add(event)  # type: ignore[attr-defined]
+            if error is not None:
+                return error
+        return assembler.result()
 
     async def _attempt(self, content: bytes, tries: _Tries) -> tuple[Reply | APIError, float]:
         await self._hold(self.governor.acquire(tries.tokens))
@@ -210,7 +271,7 @@ class Caller:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.config.timeout):
-                status, headers, raw = await self._post(content)
+                result = await self._post(content)
         except TimeoutError:
             elapsed = (time.perf_counter() - started) * 1000
             return APIError(None, "batchgen.Timeout",
@@ -222,8 +283,7 @@ class Caller:
             detail = str(cause) or type(cause).__name__
             return APIError(None, "batchgen.ConnectionError", f"{type(cause).__name__}: {detail}",
                             None, Disposition.RETRY), elapsed
-        elapsed = (time.perf_counter() - started) * 1000
-        return interpret(status, headers, raw), elapsed
+        return result, (time.perf_counter() - started) * 1000
 
     async def _try(self, content: bytes, tries: _Tries) -> None:
         tries.last = await self._attempt(content, tries)
@@ -250,7 +310,12 @@ class Caller:
         The first attempt runs outside tenacity: most rows succeed at once, and the retry
         machinery costs about a tenth of a millisecond of CPU per row (``bench/``).
         """
+        if self.stream:
+            body = self.dialect.streamed_body(body)
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        refused = _too_large(content)
+        if refused is not None:
+            return CallOutcome(None, refused, 0, None, None)
         tries = _Tries(tokens)
         try:
             try:

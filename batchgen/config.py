@@ -14,12 +14,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchgen.errors import UsageError
-from batchgen.protocol import REGION_ALIASES, REGION_BASE_URLS, Route, route_for_model
+from batchgen.protocol import (
+    COMPATIBLE_PREFIX,
+    NATIVE_PREFIX,
+    REGION_ALIASES,
+    REGION_BASE_URLS,
+    ROUTE_PATHS,
+    Api,
+    Route,
+    needs_stream,
+    route_for_model,
+)
 
 ENV_API_KEY = "DASHSCOPE_API_KEY"
 ENV_BASE_URL = "DASHSCOPE_HTTP_BASE_URL"
 ENV_REGION = "DASHSCOPE_API_REGION"
 ENV_WORKSPACE = "DASHSCOPE_WORKSPACE_ID"
+ENV_OPENAI_KEY = "OPENAI_API_KEY"  # --api openai only, after DASHSCOPE_API_KEY
+ENV_OPENAI_BASE_URL = "OPENAI_BASE_URL"  # --api openai only, before DASHSCOPE_HTTP_BASE_URL
 
 DEFAULT_MODEL = "qwen-plus"
 DEFAULT_CONCURRENCY = 16
@@ -38,7 +50,10 @@ class RunConfig:
     api_key: str = field(repr=False)
     base_url: str = REGION_BASE_URLS["intl"]
     model: str = DEFAULT_MODEL
-    route: Route | None = None  # None: chosen from the model name
+    api: Api = "dashscope"  # "openai": POST {base_url}/chat/completions, OpenAI's shapes
+    route: Route | None = None  # None: chosen from the model name (native API only)
+    stream: bool | None = None  # None: streamed only where the model or mode requires it
+    json_schema: Mapping[str, Any] | None = field(default=None, repr=False)  # checks replies
     workspace: str | None = None
     parameters: Mapping[str, Any] = field(default_factory=dict)
     concurrency: int = DEFAULT_CONCURRENCY
@@ -68,6 +83,8 @@ class RunConfig:
             raise UsageError(f"--max-attempts must be at least 1, got {self.max_attempts}")
         if not self.timeout > 0:
             raise UsageError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+        if self.api not in ("dashscope", "openai"):
+            raise UsageError(f"--api must be dashscope or openai, got {self.api!r}")
         if not self.base_url.startswith(("http://", "https://")):
             raise UsageError(f"base URL {self.base_url!r} must start with http:// or https://")
         object.__setattr__(self, "api_key", self.api_key.strip())
@@ -78,20 +95,64 @@ class RunConfig:
     def effective_route(self) -> Route:
         return self.route or route_for_model(self.model)
 
+    @property
+    def effective_stream(self) -> bool:
+        """``--stream`` / ``--no-stream`` if given, else whether the model needs streaming."""
+        return self.stream if self.stream is not None else needs_stream(self.model,
+                                                                          self.parameters)
+
+    @property
+    def url(self) -> str:
+        """Where every request of the run goes."""
+        if self.api == "openai":
+            return self.base_url + "/chat/completions"
+        return self.base_url + ROUTE_PATHS[self.effective_route]
+
+
+def api_key_from_env(api: str, environ: Mapping[str, str] = os.environ) -> str:
+    """``DASHSCOPE_API_KEY``; with ``--api openai`` also ``OPENAI_API_KEY`` (vLLM, Ollama...)."""
+    key = environ.get(ENV_API_KEY, "").strip()
+    if not key and api == "openai":
+        key = environ.get(ENV_OPENAI_KEY, "").strip()
+    return key
+
+
+def no_key_message(api: str) -> str:
+    if api == "openai":
+        return (f"no API key: set {ENV_API_KEY} (DashScope) or {ENV_OPENAI_KEY} (any other "
+                "OpenAI-compatible server; one that checks no key takes any value, e.g. none), "
+                "or pass --simulate")
+    return NO_KEY
+
+
+def compatible_url(native_base: str) -> str:
+    """A DashScope native base URL (``.../api/v1``) as its OpenAI-compatible one."""
+    base = native_base.rstrip("/")
+    if base.endswith(NATIVE_PREFIX):
+        return base[: -len(NATIVE_PREFIX)] + COMPATIBLE_PREFIX
+    return base
+
 
 def resolve_base_url(base_url: str | None, region: str | None,
-                     environ: Mapping[str, str] = os.environ) -> str:
-    """``--base-url``, else ``DASHSCOPE_HTTP_BASE_URL``, else the region's URL (default intl)."""
+                     environ: Mapping[str, str] = os.environ, api: str = "dashscope") -> str:
+    """``--base-url``, else the environment, else the region's URL (default intl).
+
+    With ``--api openai``: ``OPENAI_BASE_URL`` comes first among the variables, and DashScope
+    URLs (``DASHSCOPE_HTTP_BASE_URL``, regions) become their ``/compatible-mode/v1`` twins.
+    """
     if base_url:
         return base_url
+    if api == "openai" and environ.get(ENV_OPENAI_BASE_URL):
+        return environ[ENV_OPENAI_BASE_URL]
+    convert = compatible_url if api == "openai" else (lambda url: url)
     if environ.get(ENV_BASE_URL):
-        return environ[ENV_BASE_URL]
+        return convert(environ[ENV_BASE_URL])
     name = (region or environ.get(ENV_REGION) or "intl").strip().lower()
     name = REGION_ALIASES.get(name, name)
     if name not in REGION_BASE_URLS:
         raise UsageError(f"unknown region {region or environ.get(ENV_REGION)!r}: use one of "
                          f"{', '.join(REGION_BASE_URLS)} (or --base-url)")
-    return REGION_BASE_URLS[name]
+    return convert(REGION_BASE_URLS[name])
 
 
 def _number(name: str, value: Any) -> float:
@@ -139,8 +200,14 @@ def _validate_one(key: str, value: Any) -> None:
             f"stop must be a string or a list of non-empty strings, got {value!r}")
     elif key == "result_format":
         _check(value == "message", "result_format is always 'message' in batchgen; drop it")
-    elif key in ("stream", "incremental_output"):
-        raise UsageError(f"{key} (streaming) is not supported by batchgen run yet; drop --param {key}")
+    elif key in ("stream", "incremental_output", "stream_options"):
+        raise UsageError(f"{key} is batchgen's to set: use --stream or --no-stream instead of "
+                         f"--param {key}")
+    elif key == "response_format":
+        _check(isinstance(value, dict) and value.get("type") in ("text", "json_object",
+                                                                  "json_schema"),
+               "response_format must be {\"type\": \"json_object\"} or a json_schema object: "
+               "use --json or --json-schema FILE")
 
 
 def validate_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,11 +15,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Route = Literal["text", "multimodal"]
+Api = Literal["dashscope", "openai"]
 
 ROUTE_PATHS: dict[str, str] = {
     "text": "/services/aigc/text-generation/generation",
     "multimodal": "/services/aigc/multimodal-generation/generation",
 }
+
+COMPATIBLE_PREFIX = "/compatible-mode/v1"  # the OpenAI-compatible API on the same hosts
+NATIVE_PREFIX = "/api/v1"
 
 REGION_BASE_URLS: dict[str, str] = {
     "intl": "https://dashscope-intl.aliyuncs.com/api/v1",
@@ -43,20 +47,59 @@ def route_for_model(model: str) -> Route:
     return "multimodal" if _MULTIMODAL_MODEL.search(model.lower()) else "text"
 
 
+# Open-source Qwen3 checkpoints (qwen3-8b, qwen3-235b-a22b, ...) think by default and think
+# only in streamed calls; QwQ / QVQ always think; omni models answer only streamed.
+_OPEN_QWEN3 = re.compile(r"^qwen3-\d+(\.\d+)?b(-a\d+(\.\d+)?b)?(-|$)")
+_STREAM_ONLY = re.compile(r"^(qwq|qvq)|omni")
+
+
+def needs_stream(model: str, parameters: Mapping[str, Any]) -> bool:
+    """Whether DashScope answers ``model`` with these parameters only as a streamed call.
+
+    Non-streamed, such requests fail with "... only support stream ...". The same rule is in
+    the simulator (``simulator.only_streamed``), and ``tests/test_protocol.py`` holds them equal.
+    """
+    name = model.lower()
+    if _STREAM_ONLY.search(name):
+        return True
+    return bool(_OPEN_QWEN3.match(name)) and parameters.get("enable_thinking") is not False
+
+
+def native_part(part: Any) -> Any:
+    """A content part as the native multimodal route takes it; OpenAI-style parts are converted."""
+    if not isinstance(part, dict) or "type" not in part:
+        return part
+    kind = part["type"]
+    if kind == "text":
+        return {"text": part.get("text", "")}
+    if kind == "image_url":
+        image = part.get("image_url")
+        return {"image": image.get("url") if isinstance(image, dict) else image}
+    return {k: v for k, v in part.items() if k != "type"}
+
+
 def build_body(model: str, messages: list[dict[str, Any]], parameters: Mapping[str, Any],
                route: Route) -> dict[str, Any]:
     """The request body: exactly ``model``, ``input`` and ``parameters``.
 
     On the multimodal route every message's content must be a list of parts, the system
-    message's too, so plain strings are wrapped as ``[{"text": ...}]``.
+    message's too, so plain strings are wrapped as ``[{"text": ...}]`` (and OpenAI-style
+    parts from a messages column become native ones).
     """
     if route == "multimodal":
         messages = [
-            {**m, "content": [{"text": m["content"]}]} if isinstance(m.get("content"), str) else m
+            {**m, "content": [{"text": m["content"]}]} if isinstance(m.get("content"), str)
+            else {**m, "content": [native_part(p) for p in m["content"]]}
+            if isinstance(m.get("content"), list) else m
             for m in messages
         ]
     return {"model": model, "input": {"messages": messages},
             "parameters": {"result_format": "message", **parameters}}
+
+
+def streamed_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The body of the same request sent streamed: deltas, which thinking requires."""
+    return {**body, "parameters": {**body["parameters"], "incremental_output": True}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,10 +200,13 @@ RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 _FATAL_CODES = frozenset({
     "InvalidApiKey", "Arrearage", "AllocationQuota.FreeTierOnly", "Model.NotExist",
     "ModelNotFound", "BadRequest.EmptyModel", "InvalidURL",
+    # OpenAI-compatible mode's names for the same verdicts
+    "invalid_api_key", "model_not_found", "insufficient_quota", "access_denied",
 })
 # HTTP 200 bodies carrying one of these codes are transient server trouble, not a verdict.
 _RETRYABLE_CODE_PREFIXES = ("Throttling", "InternalError", "ServiceUnavailable", "GatewayTimeout",
-                            "RequestTimeOut", "SystemError")
+                            "RequestTimeOut", "SystemError", "internal_error", "server_error",
+                            "limit_requests", "rate_limit")
 
 
 def classify(http_status: int | None, code: str, message: str) -> Disposition:
@@ -222,10 +268,104 @@ def interpret(http_status: int, headers: Mapping[str, str], raw: bytes) -> Reply
                     _retry_after(headers))
 
 
+class StreamAssembler:
+    """Builds one ``Reply`` from the chunks of a streamed answer, whatever the dialect.
+
+    Chunks carry deltas (``incremental_output: true``; OpenAI streams always do) and the
+    cumulative usage, so texts are joined and the last usage seen is kept. A stream that ends
+    before its final chunk is a ``batchgen.StreamCut``, retried like a dropped connection.
+    """
+
+    def __init__(self, request_id: str | None = None) -> None:
+        self.request_id = request_id
+        self.chunks = 0
+        self.finished = False
+        self._content: list[str] = []
+        self._reasoning: list[str] = []
+        self._finish: str | None = None
+        self._usage: dict[str, int | None] = {}
+
+    def merge(self, chunk: Reply) -> None:
+        self.chunks += 1
+        if chunk.request_id and not self.request_id:
+            self.request_id = chunk.request_id
+        if chunk.content:
+            self._content.append(chunk.content)
+        if chunk.reasoning:
+            self._reasoning.append(chunk.reasoning)
+        if chunk.finish_reason:
+            self._finish = chunk.finish_reason
+        for name in _USAGE_FIELDS:
+            value = getattr(chunk, name)
+            if value is not None:
+                self._usage[name] = value
+
+    @property
+    def has_finish(self) -> bool:
+        return self._finish is not None
+
+    def cut(self, why: str) -> APIError:
+        return APIError(200, "batchgen.StreamCut",
+                        f"{why} after {self.chunks} chunk{'s' if self.chunks != 1 else ''}",
+                        self.request_id, Disposition.RETRY)
+
+    def result(self) -> Reply | APIError:
+        if not self.finished:
+            return self.cut("the stream ended before its last chunk")
+        usage = dict(self._usage)
+        if usage.get("total_tokens") is None and None not in (usage.get("input_tokens"),
+                                                               usage.get("output_tokens")):
+            usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]  # type: ignore[operator]
+        return Reply(content="".join(self._content), reasoning="".join(self._reasoning) or None,
+                     finish_reason=self._finish, request_id=self.request_id,
+                     **{name: usage.get(name) for name in _USAGE_FIELDS})
+
+
+_USAGE_FIELDS = ("input_tokens", "output_tokens", "total_tokens", "cached_tokens",
+                 "reasoning_tokens")
+
+
+def _stream_error(status: int, raw: str, request_id: str | None) -> APIError:
+    detail = raw[:120].strip() or "empty"
+    return APIError(status, "batchgen.BadResponse", f"a stream event that is not a JSON object: "
+                    f"{detail}", request_id, Disposition.RETRY)
+
+
+class NativeStream(StreamAssembler):
+    """DashScope's native stream: ``event:result`` chunks, the last with a real finish reason.
+
+    Errors come as ``event:error`` under HTTP 200 with the real status in ``:HTTP_STATUS/``;
+    they are classified like the same error unstreamed, so a streamed 429 is retried.
+    """
+
+    def add(self, event: Any) -> APIError | None:
+        """Take one SSE event; an error event (or a chunk with a ``code``) ends the call."""
+        status = event.status or 200
+        try:
+            body = json.loads(event.data)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return _stream_error(status, event.data, self.request_id)
+        code = body.get("code")
+        if event.event == "error" or code or status != 200:
+            request_id = body.get("request_id") or self.request_id
+            code = str(code) if code else f"HTTP{status}"
+            message = str(body.get("message") or "")
+            return APIError(status, code, message, request_id, classify(status, code, message))
+        chunk = parse_reply(body, self.request_id)
+        self.merge(chunk)
+        if chunk.finish_reason:
+            self.finished = True
+        return None
+
+
 # One line per fatal cause: what happened and what the user can do about it.
 _FATAL_HINTS: tuple[tuple[str, str], ...] = (
     ("batchgen.Unreachable", "the service cannot be reached: check --base-url / --region, the "
                              "network and any proxy (HTTPS_PROXY, NO_PROXY)"),
+    ("invalid_api_key", "the server rejected the API key: check DASHSCOPE_API_KEY (or "
+                        "OPENAI_API_KEY with --api openai) and its region"),
     ("InvalidApiKey", "DashScope rejected the API key: check DASHSCOPE_API_KEY, and that the key "
                       "belongs to the region of the base URL (--region / --base-url)"),
     ("Arrearage", "the Alibaba Cloud account is overdue: top up the account, then re-run"),
@@ -237,10 +377,13 @@ _FATAL_HINTS: tuple[tuple[str, str], ...] = (
                      "--workspace / DASHSCOPE_WORKSPACE_ID, or buy access in the console"),
     ("url error", "the model is not served on this route: qwen3.5+/VL/omni models need "
                   "--endpoint multimodal, text models --endpoint text"),
-    ("only support stream", "this model or mode answers only streamed calls, which batchgen "
-                            "does not make yet: drop --enable-thinking or pick another model"),
+    ("only support stream", "this model or mode answers only streamed calls: drop --no-stream "
+                            "(batchgen streams such models by itself) or pass --disable-thinking"),
     ("model not exist", "no such model in this region: check -m/--model and --region"),
     ("Model.NotExist", "no such model in this region: check -m/--model and --region"),
+    ("model_not_found", "no such model on this server: check -m/--model"),
+    ("insufficient_quota", "the account's quota or credit is used up: top it up or pick "
+                           "another model"),
     ("ModelNotFound", "no such model in this region: check -m/--model and --region"),
     ("NotFound", "the endpoint was not found: check --base-url / DASHSCOPE_HTTP_BASE_URL"),
 )

@@ -44,7 +44,7 @@ def throttle_kind(code: str, message: str) -> str | None:
         return BURST
     if code == "Throttling.AllocationQuota" or "token" in lowered or "allocated quota" in lowered:
         return TOKENS
-    if code.startswith("Throttling"):
+    if code.startswith("Throttling") or code in ("limit_requests", "rate_limit_exceeded"):
         return REQUESTS
     return None
 

@@ -11,7 +11,7 @@ from batchgen.cli import cli
 from batchgen.simulator import SimulatorConfig, SimulatorThread
 
 ENV_VARS = ("DASHSCOPE_API_KEY", "DASHSCOPE_HTTP_BASE_URL", "DASHSCOPE_API_REGION",
-            "DASHSCOPE_WORKSPACE_ID")
+            "DASHSCOPE_WORKSPACE_ID", "OPENAI_API_KEY", "OPENAI_BASE_URL")
 KEY = "sk-test-0123456789abcdef"
 
 

@@ -199,4 +199,4 @@ def test_stream_only_models_stop_the_run_with_a_hint():
     error = interpret(400, {}, b'{"code":"InvalidParameter","message":'
                                b'"parameter.enable_thinking only support stream call"}')
     assert error.disposition is Disposition.FATAL
-    assert "--enable-thinking" in fatal_hint(error)
+    assert "--no-stream" in fatal_hint(error)
