@@ -40,9 +40,19 @@ def _run_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--id-column",
                      help="Column with a unique, stable row key.  [default: row number]"),
         click.option("--limit", type=click.IntRange(min=1), help="Run only the first N rows."),
+        click.option("--image-column", "image_columns", multiple=True, metavar="COL",
+                     help="Column of image URLs or file paths (or lists of them) sent with each "
+                          "row's prompt (repeatable); needs a vision model."),
         click.option("-m", "--model", default="qwen-plus", show_default=True, help="Model name."),
+        click.option("--api", type=click.Choice(["dashscope", "openai"]), default="dashscope",
+                     show_default=True,
+                     help="DashScope's native API, or the OpenAI-compatible one (DashScope's "
+                          "compatible mode, vLLM, Ollama, llama.cpp server)."),
         click.option("--endpoint", type=click.Choice(["text", "multimodal"]),
-                     help="Force the API route.  [default: chosen from the model]"),
+                     help="Force the native API route.  [default: chosen from the model]"),
+        click.option("--stream/--no-stream", default=None,
+                     help="Send streamed (SSE) requests, or never.  [default: only for models "
+                          "and modes that require it]"),
         click.option("--base-url", help="API base URL.  [env: DASHSCOPE_HTTP_BASE_URL]"),
         click.option("--region", type=click.Choice(["intl", "us", "cn", "hk"]),
                      help="Region of the public endpoint.  [env: DASHSCOPE_API_REGION; "
@@ -58,6 +68,11 @@ def _run_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--enable-thinking/--disable-thinking", default=None,
                      help="Turn thinking on or off on hybrid models.  [default: send nothing]"),
         click.option("--thinking-budget", type=int, help="Cap on reasoning tokens."),
+        click.option("--json", "json", is_flag=True,
+                     help='Ask for JSON object replies (the prompt must say "json"); fills '
+                          "reply_json_valid."),
+        click.option("--json-schema", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="Ask for replies matching this JSON Schema; fills reply_json_valid."),
         click.option("--param", "params", multiple=True, metavar="KEY=JSON",
                      help="Any other parameter, e.g. --param presence_penalty=0.5 (repeatable)."),
         click.option("-c", "--concurrency", type=click.IntRange(min=1), default=16,

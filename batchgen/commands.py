@@ -28,14 +28,22 @@ from batchgen.budget import (
     thinks,
     worst_output_tokens,
 )
-from batchgen.config import ENV_API_KEY, NO_KEY, RunConfig, parse_param_options, resolve_base_url
+from batchgen.config import (
+    RunConfig,
+    api_key_from_env,
+    compatible_url,
+    no_key_message,
+    parse_param_options,
+    resolve_base_url,
+)
 from batchgen.errors import BatchgenError, UsageError
 from batchgen.journal import Journal, LockedError, journal_path, row_keys
+from batchgen.jsonmode import load_schema, response_format
 from batchgen.logs import event
 from batchgen.pricing import PriceTable, load_prices, region_of
 from batchgen.progress import JsonProgress, Progress, duration, summary_line
 from batchgen.prompts import PromptSpec, build_messages, check_columns
-from batchgen.protocol import ROUTE_PATHS
+from batchgen.protocol import route_for_model
 from batchgen.runner import RunControl, RunResult, arun_batches, check_collisions, exit_code
 from batchgen.tables import Source, TableWriter, check_writable, format_of, open_source
 
@@ -61,7 +69,20 @@ def _generation_parameters(options: Mapping[str, Any]) -> dict[str, Any]:
             if key in parameters:
                 raise UsageError(f"{key} is set both by its own option and by --param; keep one")
             parameters[key] = value
+    schema = _schema(options)
+    fmt = response_format(options["model"], parameters, json_mode=bool(options["json"]),
+                          schema=schema, name=Path(options["json_schema"]).stem
+                          if options["json_schema"] else "reply")
+    if fmt is not None:
+        if "response_format" in parameters:
+            raise UsageError("response_format is set both by --json/--json-schema and by --param; "
+                             "keep one")
+        parameters["response_format"] = fmt
     return parameters
+
+
+def _schema(options: Mapping[str, Any]) -> dict[str, Any] | None:
+    return load_schema(Path(options["json_schema"])) if options["json_schema"] else None
 
 
 def _check_id_column(source: Source, column: str | None) -> None:
@@ -99,23 +120,56 @@ def _prepare(options: dict[str, Any]) -> Prepared:
         raise UsageError(f"the output {output_path} would overwrite the input: choose another name")
     spec = PromptSpec(prompt_column=options["prompt_column"], template=options["template"],
                       system=options["system_prompt"], system_column=options["system_column"],
-                      messages_column=options["messages_column"])
+                      messages_column=options["messages_column"],
+                      image_columns=tuple(dict.fromkeys(options["image_columns"])),
+                      image_root=input_path.resolve().parent)
     parameters = _generation_parameters(options)
+    _check_route(options, spec)
     source = open_source(input_path, options["input_format"], limit=options["limit"],
                          messages_column=spec.messages_column)
     check_columns(spec, source.columns, source.schema)
     check_collisions(source.columns)
     _check_id_column(source, options["id_column"])
-    if not options["simulate"] and not os.environ.get(ENV_API_KEY, "").strip():
-        raise UsageError(NO_KEY)
+    if not options["simulate"] and not api_key_from_env(options["api"]):
+        raise UsageError(no_key_message(options["api"]))
     # Template errors that only a row can show (a format spec a value cannot take) show now.
-    build_messages(spec, source.head(100))
+    sample = build_messages(spec, source.head(100))
+    _check_json_word(parameters, sample)
     return Prepared(source, spec, parameters, output_format, options)
+
+
+def _check_route(options: Mapping[str, Any], spec: PromptSpec) -> None:
+    """Images go only to the multimodal route; the OpenAI API has one route for all."""
+    if options["api"] == "openai":
+        if options["endpoint"]:
+            raise UsageError("--endpoint chooses a route of the native API; the OpenAI-compatible "
+                             "API (--api openai) has one: drop --endpoint")
+        return
+    route = options["endpoint"] or route_for_model(options["model"])
+    if spec.image_columns and route == "text":
+        raise UsageError(f"{options['model']} is a text model and reads no images: pick a "
+                         "vision model for --image-column (e.g. -m qwen3-vl-plus or qwen-vl-max)")
+
+
+def _check_json_word(parameters: Mapping[str, Any], sample: list[Any]) -> None:
+    """JSON mode with no "json" in any of the first rows: the prompt needs it, not every row."""
+    from batchgen.jsonmode import mentions_json
+    from batchgen.prompts import RowProblem
+
+    fmt = parameters.get("response_format")
+    if not (isinstance(fmt, dict) and fmt.get("type") == "json_object"):
+        return
+    rows = [m for m in sample if not isinstance(m, RowProblem)]
+    if rows and not any(mentions_json(m) for m in rows):
+        raise UsageError('JSON mode needs the word "json" in the messages (DashScope refuses '
+                         "requests without it), and none of the first rows has it: add it to "
+                         "the prompt, the --template or --system, e.g. --system 'Answer in JSON.'")
 
 
 def _config(prepared: Prepared, base_url: str, key: str) -> RunConfig:
     o = prepared.options
-    return RunConfig(api_key=key, base_url=base_url, model=o["model"], route=o["endpoint"],
+    return RunConfig(api_key=key, base_url=base_url, model=o["model"], api=o["api"],
+                     route=o["endpoint"], stream=o["stream"], json_schema=_schema(o),
                      workspace=o["workspace"] or None, parameters=prepared.parameters,
                      concurrency=o["concurrency"], rpm=o["rpm"], tpm=o["tpm"],
                      adaptive=not o["fixed_rate"], max_attempts=o["max_attempts"],
@@ -126,8 +180,7 @@ def _config(prepared: Prepared, base_url: str, key: str) -> RunConfig:
 def _endpoint(options: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     """The base URL and key to use: the user's, or a simulator started for this run."""
     if not options["simulate"]:
-        yield (resolve_base_url(options["base_url"], options["region"]),
-               os.environ.get(ENV_API_KEY, ""))
+        yield (_base_url(options), api_key_from_env(options["api"]))
         return
     if options["base_url"]:
         raise UsageError("--simulate runs against a local simulator; drop --base-url")
@@ -136,29 +189,37 @@ def _endpoint(options: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     # The simulator gets its own demo key: a real key never leaves for a local test server.
     sim_config = SimulatorConfig(latency=SIMULATE_LATENCY, jitter=SIMULATE_JITTER)
     with SimulatorThread(sim_config) as simulator:
-        yield simulator.base_url, sim_config.key
+        url = simulator.base_url
+        yield (compatible_url(url) if options["api"] == "openai" else url), sim_config.key
+
+
+def _base_url(options: Mapping[str, Any]) -> str:
+    return resolve_base_url(options["base_url"], options["region"], api=options["api"])
 
 
 def _check_config(prepared: Prepared) -> RunConfig:
     """Every setting checked (ranges, NaN, the key's characters) before anything is touched."""
     o = prepared.options
     return _config(prepared, "http://checked.invalid",
-                   "checked" if o["simulate"] else os.environ.get(ENV_API_KEY, ""))
+                   "checked" if o["simulate"] else api_key_from_env(o["api"]))
 
 
 def validate_command(**options: Any) -> int:
     """``batchgen validate``: every check ``run`` makes before sending, and nothing more."""
     prepared = _prepare(options)
-    base_url = ("http://127.0.0.1:<free port>/api/v1" if options["simulate"]
-                else resolve_base_url(options["base_url"], options["region"]))
     config = _check_config(prepared)
+    base_url = (config.url.replace("http://checked.invalid", "http://127.0.0.1:<free port>"
+                                   + ("/compatible-mode/v1" if config.api == "openai" else "/api/v1"))
+                if options["simulate"] else config.url.replace("http://checked.invalid",
+                                                               _base_url(options).rstrip("/")))
+    stream = " streamed" if config.effective_stream else ""
     _budget(options, _prices(options), prepared.parameters)
     output: Path = options["output_path"]
     _check_output_folder(output)
     sendable = prepared.source.total
-    log.info("ok: %s rows of %s (columns: %s) would go to %s on %s%s; output %s",
+    log.info("ok: %s rows of %s (columns: %s) would go%s to %s on %s; output %s",
              f"{sendable:,}", options["input_path"], ", ".join(prepared.source.columns),
-             config.model, base_url, ROUTE_PATHS[config.effective_route], output,
+             stream, config.model, base_url, output,
              extra=event("validated", rows=sendable, model=config.model,
                          route=config.effective_route, output=str(output)))
     return 0
@@ -422,14 +483,14 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
     """``run --dry-run``: what the run would send, cost and take; nothing is sent or written."""
     from batchgen.journal import request_hash
     from batchgen.prompts import RowProblem
-    from batchgen.protocol import build_body, route_for_model
+    from batchgen.runner import messages_of, request_body
 
     o = prepared.options
     model = o["model"]
-    route = o["endpoint"] or route_for_model(model)
+    config = _check_config(prepared)
+    route = "OpenAI-compatible API" if config.api == "openai" else f"{config.effective_route} route"
     previous = {} if o["fresh"] else _journal_read_only(journal_path(o["output_path"]))
-    endpoint = ("simulator" if o["simulate"]
-                else resolve_base_url(o["base_url"], o["region"]).rstrip("/"))
+    endpoint = "simulator" if o["simulate"] else _base_url(o).rstrip("/")
     counts: list[int] = []
     empty = resumed = offset = 0
     for frame, raw in prepared.source.batches():
@@ -441,12 +502,15 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
                 empty += 1
                 continue
             entry = previous.get(key)
-            body = build_body(model, messages, prepared.parameters, route)  # type: ignore[arg-type]
+            body = request_body(config, messages)
+            if isinstance(body, RowProblem):
+                empty += 1
+                continue
             if entry is not None and entry.answers(request_hash(body, endpoint),
                                                    retry_errors=o["retry_errors"]):
                 resumed += 1
                 continue
-            counts.append(count_input_tokens(model, body["input"]["messages"]))
+            counts.append(count_input_tokens(model, messages_of(body)))
     n = len(counts)
     price = prices.lookup(model) if prices is not None else None
     max_tokens = prepared.parameters.get("max_tokens")
@@ -456,8 +520,9 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
     most = (worst_output_tokens(price, max_tokens, mode, prepared.parameters.get("thinking_budget"))
             if price else max_tokens)
     lines = [
-        f"dry run: {n:,} of {prepared.source.total:,} rows would be sent to {model} ({route} "
-        f"route); {resumed:,} already answered in the journal, {empty:,} empty (never sent)",
+        f"dry run: {n:,} of {prepared.source.total:,} rows would be sent to {model} ({route}"
+        f"{', streamed' if config.effective_stream else ''}); {resumed:,} already answered in "
+        f"the journal, {empty:,} not sendable (empty, a missing image, no \"json\" in JSON mode)",
         f"input tokens: {sum(counts):,} counted with the Qwen tokenizer "
         f"({(sum(counts) / n if n else 0):,.0f} a row on average, {max(counts, default=0):,} at most)",
         f"output tokens: assumed {typical:,} a row "

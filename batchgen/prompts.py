@@ -11,6 +11,7 @@ import json
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -31,6 +32,8 @@ class PromptSpec:
     system: str | None = None
     system_column: str | None = None
     messages_column: str | None = None
+    image_columns: tuple[str, ...] = ()  # cells: URLs, local files or lists of them
+    image_root: Path | None = None  # where relative image paths are found (the input's folder)
 
     def __post_init__(self) -> None:
         sources = [name for name, v in (("--prompt-column", self.prompt_column),
@@ -72,6 +75,7 @@ class PromptSpec:
             columns = [self.prompt_column or "prompt"]
         if self.system_column:
             columns.append(self.system_column)
+        columns.extend(c for c in self.image_columns if c not in columns)
         return columns
 
 
@@ -85,7 +89,8 @@ def check_columns(spec: PromptSpec, columns: Sequence[str],
     have = set(columns)
     for column in spec.required_columns():
         dtype = (schema or {}).get(column)
-        if dtype is not None and dtype.is_nested() and column != spec.messages_column:
+        if dtype is not None and dtype.is_nested() and column != spec.messages_column \
+                and column not in spec.image_columns:
             raise UsageError(f"column {column!r} holds {dtype}, not text: choose a text column "
                              "or build the prompt with --template")
     listing = ", ".join(columns)
@@ -98,6 +103,8 @@ def check_columns(spec: PromptSpec, columns: Sequence[str],
             what = f"--system-column {column!r}"
         elif column == spec.messages_column:
             what = f"--messages-column {column!r}"
+        elif column in spec.image_columns:
+            what = f"--image-column {column!r}"
         else:
             what = f"prompt column {column!r}"
             listing += " (choose one with --prompt-column or write a --template)"
@@ -149,6 +156,26 @@ def build_messages(spec: PromptSpec, frame: pl.DataFrame,
     ``raw_messages`` are the messages cells exactly as the file held them, for formats where
     reading into a typed column would change them (JSONL: see ``tables.Source.batches``).
     """
+    out = _build_messages(spec, frame, raw_messages)
+    if not spec.image_columns:
+        return out
+    from batchgen.images import attach, row_images
+
+    root = spec.image_root or Path.cwd()
+    cells = [frame.get_column(c).to_list() for c in spec.image_columns]
+    for i, messages in enumerate(out):
+        if isinstance(messages, RowProblem):
+            continue
+        images = row_images([column[i] for column in cells], root)
+        if isinstance(images, RowProblem):
+            out[i] = images
+        elif images:
+            out[i] = attach(messages, images)
+    return out
+
+
+def _build_messages(spec: PromptSpec, frame: pl.DataFrame,
+                    raw_messages: Sequence[Any] | None) -> list[list[dict[str, Any]] | RowProblem]:
     check_columns(spec, frame.columns, frame.schema)
     n = frame.height
     if spec.system_column:

@@ -19,11 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from batchgen import compat
 from batchgen.budget import Budget, count_input_tokens, row_cost
 from batchgen.client import Caller, CallOutcome, make_transport
 from batchgen.config import RunConfig
 from batchgen.errors import FatalAPIError, UsageError
+from batchgen.images import IMAGE_NOT_FOUND, has_local, materialize
 from batchgen.journal import Entry, Journal, request_hash, row_keys
+from batchgen.jsonmode import json_word_problem, mentions_json, reply_checker
 from batchgen.pricing import PriceTable
 from batchgen.prompts import PromptSpec, RowProblem, build_messages
 from batchgen.protocol import APIError, Disposition, build_body, fatal_hint
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
 
 OUTPUT_SCHEMA: dict[str, pl.DataType] = {
     "reply": pl.String(),
+    "reply_json_valid": pl.Boolean(),
     "reasoning": pl.String(),
     "finish_reason": pl.String(),
     "request_id": pl.String(),
@@ -65,6 +69,7 @@ class RowResult:
     status: str
     model: str | None = None
     reply: str | None = None
+    reply_json_valid: bool | None = None  # JSON mode only: the reply parses (and fits the schema)
     reasoning: str | None = None
     finish_reason: str | None = None
     request_id: str | None = None
@@ -206,12 +211,35 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _result_of(outcome: CallOutcome, model: str) -> tuple[RowResult, bool]:
+def messages_of(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A request body's messages, native (``input.messages``) or OpenAI (``messages``)."""
+    return body["input"]["messages"] if "input" in body else body["messages"]
+
+
+def request_body(config: RunConfig, messages: list[dict[str, Any]]) -> dict[str, Any] | RowProblem:
+    """One row's request as the run's API takes it, or why the row cannot be sent.
+
+    Shared by runs and dry runs, so both agree on what a row asks (and on its journal hash).
+    Streaming flags are added only when sending: a streamed and an unstreamed call for the
+    same row are the same request.
+    """
+    fmt = config.parameters.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_object" and not mentions_json(messages):
+        return json_word_problem()
+    if config.api == "openai":
+        return compat.build_body(config.model, messages, config.parameters)
+    return build_body(config.model, messages, config.parameters, config.effective_route)
+
+
+def _result_of(outcome: CallOutcome, model: str,
+               check_json: Callable[[str | None], bool] | None = None) -> tuple[RowResult, bool]:
     """The row's output columns, and whether that outcome is final (sending again would repeat it)."""
     if outcome.reply is not None:
         r = outcome.reply
         return RowResult(
-            status=OK, model=model, reply=r.content, reasoning=r.reasoning,
+            status=OK, model=model, reply=r.content,
+            reply_json_valid=check_json(r.content) if check_json is not None else None,
+            reasoning=r.reasoning,
             finish_reason=r.finish_reason, request_id=r.request_id, input_tokens=r.input_tokens,
             output_tokens=r.output_tokens, total_tokens=r.total_tokens,
             cached_tokens=r.cached_tokens, reasoning_tokens=r.reasoning_tokens,
@@ -310,7 +338,7 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
     model_price = prices.lookup(config.model) if prices is not None else None
     fatal: list[APIError] = []
     unreachable: list[APIError] = []  # rows in a row that never reached the service
-    route = config.effective_route
+    check_json = reply_checker(config.parameters, config.json_schema)
     governor = Governor(config.rpm, config.tpm, adaptive=config.adaptive)
     stats.governor = governor
     max_tokens = config.parameters.get("max_tokens")
@@ -368,7 +396,12 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
                                                error_code=item.code, error_message=item.message,
                                                attempts=0, finished_at=_now()))
                     continue
-                body = build_body(config.model, item, config.parameters, route)
+                body = request_body(config, item)
+                if isinstance(body, RowProblem):
+                    finish(batch, i, RowResult(status=ERROR, model=config.model,
+                                               error_code=body.code, error_message=body.message,
+                                               attempts=0, finished_at=_now()))
+                    continue
                 digest = request_hash(body, endpoint or config.base_url)
                 entry = previous.get(keys[i])
                 if entry is not None and entry.answers(digest, retry_errors=retry_errors):
@@ -389,28 +422,41 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
         caller = Caller(config, http, governor=governor, aborted=lambda: not sending(),
                         sleep=sleep)
 
+        async def _call(body: dict[str, Any], tokens: int, key: str) -> CallOutcome:
+            try:
+                return await caller.call(body, tokens)
+            except Exception as exc:  # a bug here must cost one row, not the run's answers
+                log.exception("unexpected error on row %s", key)
+                return CallOutcome(None, APIError(None, "batchgen.InternalError",
+                                                  f"{type(exc).__name__}: {exc}", None,
+                                                  Disposition.RETRY), 0, None, None,
+                                   gave_up=True)
+
         async def send(batch: _Pending, i: int, key: str, body: dict[str, Any],
                        digest: str) -> None:
             worst = Decimal(0)
             if budget is not None:
-                worst = budget.worst_case(config.model, body["input"]["messages"])
+                worst = budget.worst_case(config.model, messages_of(body))
                 if not await budget.reserve(worst):
                     control.stop("budget")
                     skip(batch, i)
                     return
             tokens = 0
             if config.tpm is not None:
-                tokens = (count_input_tokens(config.model, body["input"]["messages"])
+                tokens = (count_input_tokens(config.model, messages_of(body))
                           + governor.output_estimate(max_tokens, DEFAULT_OUTPUT_ESTIMATE))
             try:
-                outcome = await caller.call(body, tokens)
-            except Exception as exc:  # a bug here must cost one row, not the run's answers
-                log.exception("unexpected error on row %s", key)
-                outcome = CallOutcome(None, APIError(None, "batchgen.InternalError",
-                                                     f"{type(exc).__name__}: {exc}", None,
-                                                     Disposition.RETRY), 0, None, None,
-                                      gave_up=True)
+                if has_local(body):  # read the row's image files only now, off the loop
+                    body = await asyncio.to_thread(materialize, body)
+            except OSError as exc:
+                outcome = CallOutcome(None, APIError(
+                    None, IMAGE_NOT_FOUND, f"an image file could not be read: "
+                    f"{exc.strerror or exc}: {exc.filename}", None, Disposition.ROW_ERROR),
+                    0, None, None)
+            else:
+                outcome = await _call(body, tokens, key)
             if outcome.reply is not None:
+
                 unreachable.clear()
             elif outcome.gave_up and outcome.error is not None \
                     and outcome.error.code in UNREACHABLE_CODES:
@@ -421,7 +467,7 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
                 fatal.append(outcome.error)
             if fatal:
                 caller.interrupt()
-            result, final = _result_of(outcome, config.model)
+            result, final = _result_of(outcome, config.model, check_json)
             if result.status != SKIPPED and journal is not None:
                 journal.record(key, digest, final, result)
             cost = finish(batch, i, result)

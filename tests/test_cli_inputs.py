@@ -99,7 +99,7 @@ def test_template_naming_a_missing_column(simulator, tmp_path):
                  id="param-range"),
     pytest.param(["--param", "n"], "--param 'n' is not KEY=VALUE", id="param-shape"),
     pytest.param(["--param", "top_p=\"high\""], "top_p must be a number", id="param-type"),
-    pytest.param(["--param", "stream=true"], "streaming", id="param-stream"),
+    pytest.param(["--param", "stream=true"], "use --stream or --no-stream", id="param-stream"),
     pytest.param(["--max-tokens", "5", "--param", "max_tokens=6"], "both", id="param-twice"),
     pytest.param(["--system", "a", "--system-column", "b"], "keep one", id="system-twice"),
     pytest.param(["--template", "{prompt}", "--prompt-column", "prompt"], "keep one",

@@ -186,7 +186,7 @@ def test_dry_run_counts_and_estimates_and_sends_nothing(simulator, tmp_path):
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("dry run: 2 of 3 rows would be sent to qwen-plus")
-    assert "1 empty" in lines[0]
+    assert "1 not sendable" in lines[0]
     # Qwen tokenizer: "Hello world" = 2 tokens, "How are you today?" = 5; + 5 per message + 3.
     assert lines[1].startswith("input tokens: 23 counted with the Qwen tokenizer")
     # expected: 23 × 0.40 + 200 × 1.20 = 249.2 µ$; empty replies 9.2 µ$; worst: thinking is

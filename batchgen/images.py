@@ -1,0 +1,136 @@
+"""Images for multimodal rows: table cells to content parts, local files to ``data:`` URIs.
+
+A cell names one image or several (a list column, or a JSON array in a text cell); each is a
+URL, a ``data:`` URI or a local file. A missing or unsupported file is that row's error,
+found before anything is sent. Local files stay ``file://`` references until the request is
+sent (``materialize``): a batch of rows waiting in memory never holds their base64 bytes.
+The reference carries the file's size and mtime, so a changed image is a changed request
+for the journal.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from batchgen.prompts import RowProblem
+
+IMAGE_NOT_FOUND = "batchgen.ImageNotFound"
+BAD_IMAGE = "batchgen.InvalidImage"
+
+# What DashScope's VL models read (its documented image formats).
+MIME_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
+              ".jpe": "image/jpeg", ".webp": "image/webp", ".gif": "image/gif",
+              ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff",
+              ".heic": "image/heic"}
+_REMOTE = ("http://", "https://", "data:", "oss://")
+
+
+def cell_refs(cell: Any) -> list[str] | RowProblem:
+    """The image references in one cell: none, one, or a list (a list cell or a JSON array)."""
+    if cell is None:
+        return []
+    if isinstance(cell, str):
+        text = cell.strip()
+        if not text:
+            return []
+        if not text.startswith("["):
+            return [text]
+        try:
+            cell = json.loads(text)
+        except ValueError as exc:
+            return RowProblem(BAD_IMAGE, f"the image cell looks like a JSON list but is not: {exc}")
+    if hasattr(cell, "to_list"):  # a polars Series from a list column
+        cell = cell.to_list()
+    if not isinstance(cell, list | tuple) or not all(isinstance(x, str) or x is None for x in cell):
+        return RowProblem(BAD_IMAGE, "an image cell must hold a URL, a file path or a list of them")
+    return [x.strip() for x in cell if x and x.strip()]
+
+
+def resolve(ref: str, root: Path) -> str | RowProblem:
+    """A URL as is; a local file (relative to ``root``) as ``file://`` + its fingerprint."""
+    if ref.lower().startswith(_REMOTE):
+        return ref
+    if ref.lower().startswith("file://"):
+        path = Path(urllib.parse.unquote(urllib.parse.urlsplit(ref).path))
+    else:
+        path = Path(ref).expanduser()
+    if not path.is_absolute():
+        path = root / path
+    if path.suffix.lower() not in MIME_TYPES:
+        return RowProblem(BAD_IMAGE, f"{ref} is not an image type DashScope reads (png, jpeg, "
+                                     "webp, gif, bmp, tiff, heic)")
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = None
+    if stat is None or not path.is_file():
+        return RowProblem(IMAGE_NOT_FOUND, f"image file {path} does not exist (relative paths "
+                                           "are read from the input table's folder)")
+    return f"{path.resolve().as_uri()}#{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def row_images(cells: list[Any], root: Path) -> list[str] | RowProblem:
+    """Every image of a row, from its image-column cells in order, resolved."""
+    images: list[str] = []
+    for cell in cells:
+        refs = cell_refs(cell)
+        if isinstance(refs, RowProblem):
+            return refs
+        for ref in refs:
+            resolved = resolve(ref, root)
+            if isinstance(resolved, RowProblem):
+                return resolved
+            images.append(resolved)
+    return images
+
+
+def attach(messages: list[dict[str, Any]], images: list[str]) -> list[dict[str, Any]]:
+    """Put the images before the text of the last user message, as native content parts."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "user":
+            content = messages[i]["content"]
+            parts = [{"text": content}] if isinstance(content, str) else list(content)
+            return [*messages[:i], {**messages[i], "content": [{"image": u} for u in images]
+                                    + parts}, *messages[i + 1:]]
+    return messages
+
+
+def data_uri(reference: str) -> str:
+    """Read a ``file://`` reference into a base64 ``data:`` URI (raises OSError if it is gone)."""
+    path = Path(urllib.parse.unquote(urllib.parse.urlsplit(reference).path))
+    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f"data:{MIME_TYPES[path.suffix.lower()]};base64,{encoded}"
+
+
+def has_local(body: dict[str, Any]) -> bool:
+    """Whether any content part of the body is a local file (cheap for text-only bodies)."""
+    messages = body["input"]["messages"] if "input" in body else body["messages"]
+    return any(isinstance(m.get("content"), list) and "file://" in json.dumps(m["content"])
+               for m in messages)
+
+
+def materialize(body: dict[str, Any]) -> dict[str, Any]:
+    """The body to send: every local image reference replaced by its bytes, native or OpenAI."""
+    def part(p: Any) -> Any:
+        if not isinstance(p, dict):
+            return p
+        image = p.get("image")
+        if isinstance(image, str) and image.startswith("file://"):
+            return {**p, "image": data_uri(image)}
+        url = p.get("image_url")
+        if isinstance(url, dict) and str(url.get("url", "")).startswith("file://"):
+            return {**p, "image_url": {**url, "url": data_uri(url["url"])}}
+        return p
+
+    def message(m: dict[str, Any]) -> dict[str, Any]:
+        content = m.get("content")
+        return {**m, "content": [part(p) for p in content]} if isinstance(content, list) else m
+
+    if "input" in body:
+        return {**body, "input": {**body["input"],
+                                  "messages": [message(m) for m in body["input"]["messages"]]}}
+    return {**body, "messages": [message(m) for m in body["messages"]]}
