@@ -18,6 +18,7 @@ from functools import cache
 from typing import Any
 
 from batchgen.pricing import ModelPrice, PriceTable
+from batchgen.protocol import _OPEN_QWEN3
 
 INPUT_MARGIN = 1.10  # the tokenizer's count against the server's: templates, special tokens
 MESSAGE_OVERHEAD = 5  # <|im_start|>role\n ... <|im_end|>\n around every message
@@ -56,8 +57,8 @@ def thinks(model: str, parameters: Mapping[str, Any]) -> bool | None:
     """True/False when the request's mode is known, None when the model decides (hybrid default)."""
     if parameters.get("enable_thinking") is not None:
         return bool(parameters["enable_thinking"])
-    if model.startswith(("qwq", "qvq")) or "thinking" in model:
-        return True
+    if model.startswith(("qwq", "qvq")) or "thinking" in model or _OPEN_QWEN3.match(model):
+        return True  # open-source Qwen3 thinks unless told not to
     return None
 
 

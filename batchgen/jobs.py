@@ -21,7 +21,8 @@ from batchgen.errors import UsageError
 
 # Job-file key -> the run command's parameter name, where they differ.
 RENAMED = {"input": "input_path", "output": "output_path", "system": "system_prompt",
-           "parameters": "params", "summary": "summary_path", "prices": "prices_path"}
+           "parameters": "params", "summary": "summary_path", "prices": "prices_path",
+           "image_column": "image_columns"}
 # One-off decisions, made on the command line only.
 NOT_IN_JOBS = frozenset({"job", "job_path", "fresh", "dry_run"})
 PATH_KEYS = ("input_path", "output_path", "summary_path")  # where placeholders are filled

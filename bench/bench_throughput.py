@@ -8,6 +8,8 @@ over the run, divided by the number of requests. Wall time is compared with the 
     python bench/bench_throughput.py                      # concurrency 10, 100, 500
     python bench/bench_throughput.py --backend httpx      # httpx's own pool, for comparison
     python bench/bench_throughput.py --concurrency 100 --rows 5000
+    python bench/bench_throughput.py --stream             # SSE answers, assembled per chunk
+    python bench/bench_throughput.py --api openai         # the OpenAI-compatible route
 
 Targets (issue 2): CPU ≤ 0.5 ms per request at concurrency 100, wall ≤ 1.15 × ideal.
 """
@@ -56,10 +58,13 @@ def start_simulator(latency: float) -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit("the simulator did not start")
 
 
-async def one_run(base_url: str, rows: int, concurrency: int, backend: str) -> tuple[float, float]:
+async def one_run(base_url: str, rows: int, concurrency: int, backend: str, *,
+                  stream: bool = False, api: str = "dashscope") -> tuple[float, float]:
     frame = pl.DataFrame({"prompt": [f"Benchmark prompt number {i}" for i in range(rows)]})
+    if api == "openai":
+        base_url = base_url.replace("/api/v1", "/compatible-mode/v1")
     config = RunConfig(api_key=KEY, base_url=base_url, concurrency=concurrency, rpm=10_000_000,
-                       max_attempts=1, timeout=60)
+                       max_attempts=1, timeout=60, stream=stream, api=api)  # type: ignore[arg-type]
     cpu, wall = time.process_time(), time.perf_counter()
     result = await arun(frame, config, transport=make_transport(config, backend=backend))
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
@@ -75,18 +80,22 @@ def main() -> None:
     parser.add_argument("--rows", type=int, help="rows per run [default: 10 × concurrency, "
                                                   "at least 200]")
     parser.add_argument("--backend", choices=["aiohttp", "httpx"], default="aiohttp")
+    parser.add_argument("--stream", action="store_true", help="streamed (SSE) requests")
+    parser.add_argument("--api", choices=["dashscope", "openai"], default="dashscope")
     args = parser.parse_args()
 
     process, base_url = start_simulator(args.latency)
     try:
         print(f"batchgen bench: simulator latency {args.latency:g} s, backend {args.backend}, "
+              f"api {args.api}{', streamed' if args.stream else ''}, "
               f"{os.cpu_count()} cores, Python {sys.version.split()[0]}")
         print(f"{'concurrency':>11} {'rows':>6} {'wall s':>7} {'ideal s':>7} {'wall/ideal':>10} "
               f"{'CPU ms/req':>10}")
         asyncio.run(one_run(base_url, 50, 10, args.backend))  # warm up imports and the server
         for concurrency in args.concurrency:
             rows = args.rows or max(200, 10 * concurrency)
-            wall, cpu = asyncio.run(one_run(base_url, rows, concurrency, args.backend))
+            wall, cpu = asyncio.run(one_run(base_url, rows, concurrency, args.backend,
+                                            stream=args.stream, api=args.api))
             ideal = rows * args.latency / concurrency
             print(f"{concurrency:>11} {rows:>6} {wall:>7.2f} {ideal:>7.2f} {wall / ideal:>10.3f} "
                   f"{cpu * 1000 / rows:>10.3f}", flush=True)
