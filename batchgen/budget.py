@@ -24,6 +24,11 @@ INPUT_MARGIN = 1.10  # the tokenizer's count against the server's: templates, sp
 MESSAGE_OVERHEAD = 5  # <|im_start|>role\n ... <|im_end|>\n around every message
 REPLY_PRIMER = 3  # <|im_start|>assistant\n
 DEFAULT_OUTPUT_ASSUMPTION = 256  # a typical reply, for estimates made without --max-tokens
+# Image tokens depend on the resolution, which is not read offline. DashScope's VL models spend
+# one token per 28x28 pixels, at most 1,280 an image by default and 16,384 with
+# vl_high_resolution_images: the default cap paces --tpm, the largest one bounds --max-cost.
+IMAGE_TOKENS_TYPICAL = 1280
+IMAGE_TOKENS_MAX = 16384
 
 
 @cache
@@ -44,13 +49,23 @@ def _texts(content: Any) -> list[str]:
     return []
 
 
-def count_input_tokens(model: str, messages: list[Mapping[str, Any]]) -> int:
-    """The request's input tokens as Qwen's tokenizer counts them, chat template included."""
+def count_input_tokens(model: str, messages: list[Mapping[str, Any]],
+                       image_tokens: int = 0) -> int:
+    """The request's input tokens as Qwen's tokenizer counts them, chat template included.
+
+    Each image part counts ``image_tokens`` (its true cost is known only to the server).
+    """
     encode = _tokenizer(model).encode
     total = REPLY_PRIMER
     for message in messages:
         total += MESSAGE_OVERHEAD + sum(len(encode(t)) for t in _texts(message.get("content")))
-    return total
+    return total + image_tokens * count_images(messages)
+
+
+def count_images(messages: list[Mapping[str, Any]]) -> int:
+    """Image parts in the messages, native (``image``) or OpenAI (``image_url``) style."""
+    return sum(1 for m in messages if isinstance(m.get("content"), list)
+               for p in m["content"] if isinstance(p, dict) and ("image" in p or "image_url" in p))
 
 
 def thinks(model: str, parameters: Mapping[str, Any]) -> bool | None:
@@ -103,7 +118,8 @@ class Budget:
         self._settled = asyncio.Condition()
 
     def worst_case(self, model: str, messages: list[Mapping[str, Any]]) -> Decimal:
-        input_tokens = math.ceil(count_input_tokens(model, messages) * INPUT_MARGIN)
+        input_tokens = math.ceil(count_input_tokens(model, messages, IMAGE_TOKENS_MAX)
+                                 * INPUT_MARGIN)
         return self.price.cost(input_tokens=input_tokens, output_tokens=self.max_output,
                                thinking=self.thinking)
 

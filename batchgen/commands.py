@@ -23,7 +23,10 @@ import polars as pl
 from batchgen import __version__
 from batchgen.budget import (
     DEFAULT_OUTPUT_ASSUMPTION,
+    IMAGE_TOKENS_MAX,
+    IMAGE_TOKENS_TYPICAL,
     Budget,
+    count_images,
     count_input_tokens,
     thinks,
     worst_output_tokens,
@@ -492,7 +495,7 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
     previous = {} if o["fresh"] else _journal_read_only(journal_path(o["output_path"]))
     endpoint = "simulator" if o["simulate"] else _base_url(o).rstrip("/")
     counts: list[int] = []
-    empty = resumed = offset = 0
+    empty = resumed = offset = images = 0
     for frame, raw in prepared.source.batches():
         plan = build_messages(prepared.spec, frame, raw)
         keys = row_keys(frame, o["id_column"], offset)
@@ -510,6 +513,7 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
                                                    retry_errors=o["retry_errors"]):
                 resumed += 1
                 continue
+            images += count_images(messages_of(body))
             counts.append(count_input_tokens(model, messages_of(body)))
     n = len(counts)
     price = prices.lookup(model) if prices is not None else None
@@ -524,7 +528,9 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
         f"{', streamed' if config.effective_stream else ''}); {resumed:,} already answered in "
         f"the journal, {empty:,} not sendable (empty, a missing image, no \"json\" in JSON mode)",
         f"input tokens: {sum(counts):,} counted with the Qwen tokenizer "
-        f"({(sum(counts) / n if n else 0):,.0f} a row on average, {max(counts, default=0):,} at most)",
+        f"({(sum(counts) / n if n else 0):,.0f} a row on average, {max(counts, default=0):,} at most)"
+        + (f", plus {images:,} images (not counted: up to {IMAGE_TOKENS_TYPICAL:,} tokens each "
+           f"at the default resolution, {IMAGE_TOKENS_MAX:,} at the highest)" if images else ""),
         f"output tokens: assumed {typical:,} a row "
         + (f"(--max-tokens {max_tokens:,})" if max_tokens else
            f"(no --max-tokens: a stated default; replies may run to {most:,})" if most else

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from batchgen import compat
-from batchgen.budget import Budget, count_input_tokens, row_cost
+from batchgen.budget import IMAGE_TOKENS_TYPICAL, Budget, count_input_tokens, row_cost
 from batchgen.client import Caller, CallOutcome, make_transport
 from batchgen.config import RunConfig
 from batchgen.errors import FatalAPIError, UsageError
@@ -443,7 +443,7 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
                     return
             tokens = 0
             if config.tpm is not None:
-                tokens = (count_input_tokens(config.model, messages_of(body))
+                tokens = (count_input_tokens(config.model, messages_of(body), IMAGE_TOKENS_TYPICAL)
                           + governor.output_estimate(max_tokens, DEFAULT_OUTPUT_ESTIMATE))
             try:
                 if has_local(body):  # read the row's image files only now, off the loop

@@ -435,3 +435,15 @@ def test_an_unreadable_schema_is_a_usage_error(tmp_path):
     (tmp_path / "x.json").write_text("{")
     with pytest.raises(UsageError, match="not valid JSON"):
         load_schema(Path(tmp_path / "x.json"))
+
+
+def test_images_count_in_token_estimates():
+    from batchgen.budget import IMAGE_TOKENS_MAX, count_images, count_input_tokens
+
+    text = [{"role": "user", "content": [{"text": "what is it?"}]}]
+    native = [{"role": "user", "content": [{"image": "u"}, {"image": "v"}, {"text": "what is it?"}]}]
+    openai = compat.build_body("m", native, {})["messages"]
+    assert count_images(native) == count_images(openai) == 2 and count_images(text) == 0
+    base = count_input_tokens("qwen-vl-max", text)
+    assert count_input_tokens("qwen-vl-max", native) == base
+    assert count_input_tokens("qwen-vl-max", openai, IMAGE_TOKENS_MAX) == base + 2 * IMAGE_TOKENS_MAX
