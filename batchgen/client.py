@@ -11,7 +11,7 @@ import json
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -20,7 +20,7 @@ from tenacity.stop import stop_base
 
 from batchgen import __version__, compat, protocol
 from batchgen.config import RunConfig
-from batchgen.protocol import APIError, Disposition, Reply, StreamAssembler
+from batchgen.protocol import MAX_BODY, MAX_BODY_BASE64, APIError, Disposition, Reply, StreamAssembler
 from batchgen.ratelimit import Governor, throttle_kind
 from batchgen.sse import SSEDecoder
 
@@ -28,12 +28,9 @@ BACKOFF_INITIAL = 0.5  # seconds; the official SDK's values
 BACKOFF_MAX = 8.0
 BACKOFF_JITTER = 0.25
 
-# DashScope's gateway refuses bodies over 16 MiB, or 64 MiB when they carry base64 images.
-MAX_BODY = 16 * 1024 * 1024
-MAX_BODY_BASE64 = 64 * 1024 * 1024
-
 
 _INTERRUPT = "batchgen: the run stopped"
+_SSE_STARTS = (b"id:", b"event:", b"data:", b":")
 
 
 class TransientError(Exception):
@@ -76,6 +73,7 @@ class _Tries:
     tokens: int = 0  # estimated input + output tokens, reserved per attempt when pacing tokens
     attempts: int = 0
     last: tuple[Reply | APIError, float] | None = None  # the last attempt's result and latency
+    billed: tuple[int, int] = (0, 0)  # tokens billed for streams cut before their end
 
 
 @dataclass(slots=True)
@@ -88,6 +86,7 @@ class CallOutcome:
     latency_ms: float | None  # the last attempt's HTTP round trip
     http_status: int | None
     gave_up: bool = False  # retries exhausted on a transient error
+    billed: tuple[int, int] = (0, 0)  # (input, output) tokens of attempts cut mid-stream
 
 
 def make_transport(config: RunConfig, *, backend: str = "aiohttp") -> httpx.AsyncBaseTransport:
@@ -214,45 +213,73 @@ class Caller:
     async def _backoff(self, seconds: float) -> None:
         await self._hold(self._sleep(seconds))
 
-    async def _post(self, content: bytes) -> Reply | APIError:
+    async def _post(self, content: bytes, deadline: asyncio.Timeout) -> Reply | APIError:
         request = httpx.Request("POST", self.url, headers=self.headers, content=content,
                                 extensions=self.extensions)
         response = await self.transport.handle_async_request(request)
+        status = response.status_code
         try:
-            if self.stream and response.status_code == 200 and response.headers.get(
-                    "content-type", "").startswith("text/event-stream"):
-                return await self._read_stream(response)
+            if response.headers.get("content-type", "").startswith("text/event-stream"):
+                return await self._read_stream(response, status, deadline, b"")
             # The raw stream: no Accept-Encoding is sent, so the body is not compressed, and
             # httpx's decoder pipeline costs more CPU than the read itself.
             raw = b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]
         finally:
             await response.aclose()
-        return self.dialect.interpret(response.status_code, response.headers, raw)
+        if self.stream and raw.lstrip().startswith(_SSE_STARTS):  # events under a wrong label
+            return await self._read_stream(None, status, deadline, raw)
+        return self.dialect.interpret(status, response.headers, raw)
 
-    async def _read_stream(self, response: httpx.Response) -> Reply | APIError:
-        """Assemble a streamed answer as it arrives; an error event or a cut ends it early."""
-        assembler: StreamAssembler = self.dialect.stream(response.headers.get("x-request-id"))
+    async def _read_stream(self, response: httpx.Response | None, status: int,
+                           deadline: asyncio.Timeout, raw: bytes) -> Reply | APIError:
+        """Assemble a streamed answer as it arrives; an error event or a cut ends it early.
+
+        ``--timeout`` bounds the silence between chunks, not the whole answer: a long thinking
+        reply that keeps streaming is never cut (and billed again) for being long. Events
+        under a non-200 status (an error sent as SSE) default to that status.
+        """
+        header_id = response.headers.get("x-request-id") if response is not None else None
+        assembler: StreamAssembler = self.dialect.stream(header_id)
         decoder = SSEDecoder()
+        loop = asyncio.get_running_loop()
+
+        def take(events: list[Any]) -> APIError | None:
+            for event in events:
+                if status != 200 and event.status is None:
+                    event = replace(event, status=status)
+                error = assembler.add(event)  # type: ignore[attr-defined]
+                if error is not None:
+                    return error
+            return None
+
         try:
-            async for chunk in response.stream:  # type: ignore[union-attr]
-                for event in decoder.feed(chunk):
-                    error = assembler.add(event)  # type: ignore[attr-defined]
+            if response is None:
+                error = take(decoder.feed(raw))
+                if error is not None:
+                    return error
+            else:
+                async for chunk in response.stream:  # type: ignore[union-attr]
+                    deadline.reschedule(loop.time() + self.config.timeout)
+                    error = take(decoder.feed(chunk))
                     if error is not None:
                         return error
         except Exception as exc:  # the connection broke mid-stream: what came is not enough
             cause = exc.__cause__ or exc
             return assembler.cut(f"the stream broke ({type(cause).__name__}: "
                                  f"{str(cause) or 'no detail'})")
-        for event in decoder.close():
-            error = assembler.add(event)  # type: ignore[attr-defined]
-            if error is not None:
-                return error
+        error = take(decoder.close())
+        if error is not None:
+            return error
+        if status != 200:  # an SSE body under an error status, with no error event in it
+            return self.dialect.interpret(status, {}, raw or b"")
         return assembler.result()
 
     async def _attempt(self, content: bytes, tries: _Tries) -> tuple[Reply | APIError, float]:
         await self._hold(self.governor.acquire(tries.tokens))
         tries.attempts += 1
         result, elapsed = await self._exchange(content)
+        if isinstance(result, APIError) and result.billed is not None:
+            tries.billed = (tries.billed[0] + result.billed[0], tries.billed[1] + result.billed[1])
         governor = self.governor
         if isinstance(result, Reply):
             used = (result.input_tokens or 0) + (result.output_tokens or 0)
@@ -270,12 +297,13 @@ class Caller:
     async def _exchange(self, content: bytes) -> tuple[Reply | APIError, float]:
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.config.timeout):
-                result = await self._post(content)
+            async with asyncio.timeout(self.config.timeout) as deadline:
+                result = await self._post(content, deadline)
         except TimeoutError:
             elapsed = (time.perf_counter() - started) * 1000
+            silence = "nothing more of the stream" if self.stream else "no answer"
             return APIError(None, "batchgen.Timeout",
-                            f"no answer within --timeout {self.config.timeout:g} s", None,
+                            f"{silence} within --timeout {self.config.timeout:g} s", None,
                             Disposition.RETRY), elapsed
         except Exception as exc:  # httpx's errors, and whatever the transport lets through
             elapsed = (time.perf_counter() - started) * 1000
@@ -325,15 +353,18 @@ class Caller:
         except TransientError as exc:
             assert tries.last is not None
             return CallOutcome(None, exc.error, tries.attempts, tries.last[1],
-                               exc.error.http_status, gave_up=not self._aborted())
+                               exc.error.http_status, gave_up=not self._aborted(),
+                               billed=tries.billed)
         except Aborted:
             if tries.last is None:
-                return CallOutcome(None, None, tries.attempts, None, None)
+                return CallOutcome(None, None, tries.attempts, None, None, billed=tries.billed)
             error = tries.last[0]
             assert isinstance(error, APIError)
-            return CallOutcome(None, error, tries.attempts, tries.last[1], error.http_status)
+            return CallOutcome(None, error, tries.attempts, tries.last[1], error.http_status,
+                               billed=tries.billed)
         assert tries.last is not None
         result, latency = tries.last
         if isinstance(result, Reply):
-            return CallOutcome(result, None, tries.attempts, latency, 200)
-        return CallOutcome(None, result, tries.attempts, latency, result.http_status)
+            return CallOutcome(result, None, tries.attempts, latency, 200, billed=tries.billed)
+        return CallOutcome(None, result, tries.attempts, latency, result.http_status,
+                           billed=tries.billed)

@@ -35,6 +35,7 @@ from batchgen.config import (
     RunConfig,
     api_key_from_env,
     compatible_url,
+    dashscope_endpoint,
     no_key_message,
     parse_param_options,
     resolve_base_url,
@@ -75,7 +76,8 @@ def _generation_parameters(options: Mapping[str, Any]) -> dict[str, Any]:
     schema = _schema(options)
     fmt = response_format(options["model"], parameters, json_mode=bool(options["json"]),
                           schema=schema, name=Path(options["json_schema"]).stem
-                          if options["json_schema"] else "reply")
+                          if options["json_schema"] else "reply",
+                          dashscope=_to_dashscope(options))
     if fmt is not None:
         if "response_format" in parameters:
             raise UsageError("response_format is set both by --json/--json-schema and by --param; "
@@ -133,8 +135,8 @@ def _prepare(options: dict[str, Any]) -> Prepared:
     check_columns(spec, source.columns, source.schema)
     check_collisions(source.columns)
     _check_id_column(source, options["id_column"])
-    if not options["simulate"] and not api_key_from_env(options["api"]):
-        raise UsageError(no_key_message(options["api"]))
+    if not options["simulate"] and not _key(options):
+        raise UsageError(no_key_message(options["api"], dashscope=_to_dashscope(options)))
     # Template errors that only a row can show (a format spec a value cannot take) show now.
     sample = build_messages(spec, source.head(100))
     _check_json_word(parameters, sample)
@@ -173,7 +175,8 @@ def _config(prepared: Prepared, base_url: str, key: str) -> RunConfig:
     o = prepared.options
     return RunConfig(api_key=key, base_url=base_url, model=o["model"], api=o["api"],
                      route=o["endpoint"], stream=o["stream"], json_schema=_schema(o),
-                     workspace=o["workspace"] or None, parameters=prepared.parameters,
+                     workspace=(o["workspace"] or None) if _to_dashscope(o) else None,
+                     parameters=prepared.parameters,
                      concurrency=o["concurrency"], rpm=o["rpm"], tpm=o["tpm"],
                      adaptive=not o["fixed_rate"], max_attempts=o["max_attempts"],
                      timeout=o["timeout"])
@@ -183,7 +186,7 @@ def _config(prepared: Prepared, base_url: str, key: str) -> RunConfig:
 def _endpoint(options: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     """The base URL and key to use: the user's, or a simulator started for this run."""
     if not options["simulate"]:
-        yield (_base_url(options), api_key_from_env(options["api"]))
+        yield _base_url(options), _key(options)
         return
     if options["base_url"]:
         raise UsageError("--simulate runs against a local simulator; drop --base-url")
@@ -200,11 +203,19 @@ def _base_url(options: Mapping[str, Any]) -> str:
     return resolve_base_url(options["base_url"], options["region"], api=options["api"])
 
 
+def _to_dashscope(options: Mapping[str, Any]) -> bool:
+    return options["simulate"] or dashscope_endpoint(options["base_url"], options["api"])
+
+
+def _key(options: Mapping[str, Any]) -> str:
+    return api_key_from_env(options["api"], dashscope=_to_dashscope(options))
+
+
 def _check_config(prepared: Prepared) -> RunConfig:
     """Every setting checked (ranges, NaN, the key's characters) before anything is touched."""
     o = prepared.options
     return _config(prepared, "http://checked.invalid",
-                   "checked" if o["simulate"] else api_key_from_env(o["api"]))
+                   "checked" if o["simulate"] else _key(o))
 
 
 def validate_command(**options: Any) -> int:
@@ -484,9 +495,8 @@ def cost_command(*, files: list[str], by: str, fmt: str, prices_path: str | None
 
 def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
     """``run --dry-run``: what the run would send, cost and take; nothing is sent or written."""
-    from batchgen.journal import request_hash
     from batchgen.prompts import RowProblem
-    from batchgen.runner import messages_of, request_body
+    from batchgen.runner import messages_of, request_body, row_digest
 
     o = prepared.options
     model = o["model"]
@@ -509,7 +519,7 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
             if isinstance(body, RowProblem):
                 empty += 1
                 continue
-            if entry is not None and entry.answers(request_hash(body, endpoint),
+            if entry is not None and entry.answers(row_digest(body, endpoint, prepared.spec),
                                                    retry_errors=o["retry_errors"]):
                 resumed += 1
                 continue

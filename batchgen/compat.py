@@ -106,6 +106,10 @@ def _error_of(status: int, body: Mapping[str, Any], header_id: str | None,
     if isinstance(error, dict):
         code = error.get("code") or error.get("type")
         message = error.get("message")
+        if isinstance(code, int) and not isinstance(code, bool):  # vLLM: "code": 500
+            if status == 200 and 100 <= code <= 599:
+                status = code  # an error inside a stream: its code is the real status
+            code = error.get("type") or f"HTTP{code}"
     elif isinstance(error, str):
         code, message = None, error
     else:  # a native-style body from a DashScope gateway
@@ -143,11 +147,10 @@ def interpret(http_status: int, headers: Mapping[str, str], raw: bytes) -> Reply
 class OpenAIStream(StreamAssembler):
     """An OpenAI stream: ``data:`` chunks of deltas, a usage chunk, then ``data: [DONE]``.
 
-    Complete once ``[DONE]`` arrives, or once both the finish reason and the usage have (some
-    servers close without ``[DONE]``); anything shorter is a cut stream and is sent again.
+    Complete once a finish reason has come (the usage chunk and ``[DONE]`` follow it, but some
+    servers send neither: the answer is whole, and sending it again would pay twice);
+    anything shorter is a cut stream and is sent again.
     """
-
-    _usage_seen = False
 
     def add(self, event: Any) -> APIError | None:
         if event.data.strip() == "[DONE]":
@@ -166,16 +169,13 @@ class OpenAIStream(StreamAssembler):
         delta = _dict(choice.get("delta"))
         finish = choice.get("finish_reason")
         usage = body.get("usage")
-        if isinstance(usage, dict):
-            self._usage_seen = True
         self.merge(Reply(content=_text_of(delta.get("content")), reasoning=_reasoning(delta),
                          finish_reason=finish if isinstance(finish, str) else None,
                          request_id=_request_id(body, None), **_usage(_dict(usage))))
         return None
 
     def result(self) -> Reply | APIError:
-        if self.has_finish and self._usage_seen:
-            self.finished = True
         if self.finished and not self.has_finish:
             return self.cut("the stream ended without a finish reason")
+        self.finished = self.has_finish
         return super().result()

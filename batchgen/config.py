@@ -22,8 +22,8 @@ from batchgen.protocol import (
     ROUTE_PATHS,
     Api,
     Route,
-    needs_stream,
     route_for_model,
+    stream_by_default,
 )
 
 ENV_API_KEY = "DASHSCOPE_API_KEY"
@@ -97,9 +97,9 @@ class RunConfig:
 
     @property
     def effective_stream(self) -> bool:
-        """``--stream`` / ``--no-stream`` if given, else whether the model needs streaming."""
-        return self.stream if self.stream is not None else needs_stream(self.model,
-                                                                          self.parameters)
+        """``--stream`` / ``--no-stream`` if given, else streamed where needed or thinking."""
+        return self.stream if self.stream is not None else stream_by_default(self.model,
+                                                                               self.parameters)
 
     @property
     def url(self) -> str:
@@ -109,19 +109,44 @@ class RunConfig:
         return self.base_url + ROUTE_PATHS[self.effective_route]
 
 
-def api_key_from_env(api: str, environ: Mapping[str, str] = os.environ) -> str:
-    """``DASHSCOPE_API_KEY``; with ``--api openai`` also ``OPENAI_API_KEY`` (vLLM, Ollama...)."""
-    key = environ.get(ENV_API_KEY, "").strip()
-    if not key and api == "openai":
-        key = environ.get(ENV_OPENAI_KEY, "").strip()
-    return key
+def dashscope_endpoint(base_url: str | None, api: str,
+                       environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether requests go to DashScope, so that DashScope's key and workspace may go along.
+
+    The native API is DashScope's by definition; with ``--api openai`` a URL counts when its
+    host is Alibaba Cloud's, or when it came from DashScope's own settings
+    (``DASHSCOPE_HTTP_BASE_URL``, the region), never from ``--base-url`` / ``OPENAI_BASE_URL``
+    pointing elsewhere: a DashScope key must not travel to a third-party server.
+    """
+    if api != "openai":
+        return True
+    if base_url is None and not environ.get(ENV_OPENAI_BASE_URL):
+        return True
+    url = base_url or environ[ENV_OPENAI_BASE_URL]
+    host = url.split("//", 1)[-1].split("/", 1)[0].split(":", 1)[0].lower()
+    return host.endswith(".aliyuncs.com")
 
 
-def no_key_message(api: str) -> str:
+def api_key_from_env(api: str, environ: Mapping[str, str] = os.environ, *,
+                     dashscope: bool = True) -> str:
+    """The key for the run: ``DASHSCOPE_API_KEY`` for DashScope, else ``OPENAI_API_KEY``.
+
+    With ``--api openai`` to DashScope, ``OPENAI_API_KEY`` is the fallback; to any other server
+    (``dashscope=False``) it is the only key used.
+    """
+    ours = environ.get(ENV_API_KEY, "").strip()
+    theirs = environ.get(ENV_OPENAI_KEY, "").strip() if api == "openai" else ""
+    if not dashscope:
+        return theirs
+    return ours or theirs
+
+
+def no_key_message(api: str, *, dashscope: bool = True) -> str:
+    if api == "openai" and not dashscope:
+        return (f"no API key for this server: set {ENV_OPENAI_KEY} (one that checks no key "
+                f"takes any value, e.g. none); {ENV_API_KEY} is sent only to DashScope hosts")
     if api == "openai":
-        return (f"no API key: set {ENV_API_KEY} (DashScope) or {ENV_OPENAI_KEY} (any other "
-                "OpenAI-compatible server; one that checks no key takes any value, e.g. none), "
-                "or pass --simulate")
+        return (f"no API key: set {ENV_API_KEY} (or {ENV_OPENAI_KEY}), or pass --simulate")
     return NO_KEY
 
 

@@ -13,13 +13,16 @@ from __future__ import annotations
 import base64
 import json
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from batchgen.prompts import RowProblem
+from batchgen.protocol import MAX_BODY_BASE64
 
 IMAGE_NOT_FOUND = "batchgen.ImageNotFound"
 BAD_IMAGE = "batchgen.InvalidImage"
+TOO_LARGE = "batchgen.TooLarge"
 
 # What DashScope's VL models read (its documented image formats).
 MIME_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
@@ -41,8 +44,8 @@ def cell_refs(cell: Any) -> list[str] | RowProblem:
             return [text]
         try:
             cell = json.loads(text)
-        except ValueError as exc:
-            return RowProblem(BAD_IMAGE, f"the image cell looks like a JSON list but is not: {exc}")
+        except ValueError:
+            return [text]  # a file name that starts with "[", e.g. "[1].png"
     if hasattr(cell, "to_list"):  # a polars Series from a list column
         cell = cell.to_list()
     if not isinstance(cell, list | tuple) or not all(isinstance(x, str) or x is None for x in cell):
@@ -50,14 +53,19 @@ def cell_refs(cell: Any) -> list[str] | RowProblem:
     return [x.strip() for x in cell if x and x.strip()]
 
 
+def _path_of(uri: str) -> Path:
+    """The local path of a ``file:`` URI; ``file://dir/a.png`` is taken as the relative dir/a.png."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.netloc and parts.netloc != "localhost":
+        return Path(urllib.request.url2pathname(parts.netloc + parts.path))
+    return Path(urllib.request.url2pathname(parts.path))
+
+
 def resolve(ref: str, root: Path) -> str | RowProblem:
     """A URL as is; a local file (relative to ``root``) as ``file://`` + its fingerprint."""
     if ref.lower().startswith(_REMOTE):
         return ref
-    if ref.lower().startswith("file://"):
-        path = Path(urllib.parse.unquote(urllib.parse.urlsplit(ref).path))
-    else:
-        path = Path(ref).expanduser()
+    path = _path_of(ref) if ref.lower().startswith("file:") else Path(ref).expanduser()
     if not path.is_absolute():
         path = root / path
     if path.suffix.lower() not in MIME_TYPES:
@@ -76,6 +84,7 @@ def resolve(ref: str, root: Path) -> str | RowProblem:
 def row_images(cells: list[Any], root: Path) -> list[str] | RowProblem:
     """Every image of a row, from its image-column cells in order, resolved."""
     images: list[str] = []
+    encoded = 0  # bytes the local files will take as base64
     for cell in cells:
         refs = cell_refs(cell)
         if isinstance(refs, RowProblem):
@@ -84,7 +93,13 @@ def row_images(cells: list[Any], root: Path) -> list[str] | RowProblem:
             resolved = resolve(ref, root)
             if isinstance(resolved, RowProblem):
                 return resolved
+            if resolved.startswith("file:"):
+                encoded += 4 * -(-int(resolved.rsplit("#", 1)[1].split("-")[0]) // 3)
             images.append(resolved)
+    if encoded > MAX_BODY_BASE64:
+        return RowProblem(TOO_LARGE, f"the row's image files take {encoded / 2**20:.1f} MiB as "
+                                     f"base64, over DashScope's {MAX_BODY_BASE64 // 2**20} MiB "
+                                     "request limit: send fewer or smaller images, or URLs")
     return images
 
 
@@ -100,16 +115,36 @@ def attach(messages: list[dict[str, Any]], images: list[str]) -> list[dict[str, 
 
 
 def data_uri(reference: str) -> str:
-    """Read a ``file://`` reference into a base64 ``data:`` URI (raises OSError if it is gone)."""
-    path = Path(urllib.parse.unquote(urllib.parse.urlsplit(reference).path))
+    """Read a ``file:`` reference into a base64 ``data:`` URI.
+
+    Raises OSError when the file cannot be read and ValueError when it is no image type
+    (references from a messages column are checked only here).
+    """
+    path = _path_of(reference.split("#", 1)[0])
+    mime = MIME_TYPES.get(path.suffix.lower())
+    if mime is None:
+        raise ValueError(f"{path} is not an image type DashScope reads (png, jpeg, webp, gif, "
+                         "bmp, tiff, heic)")
     encoded = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f"data:{MIME_TYPES[path.suffix.lower()]};base64,{encoded}"
+    return f"data:{mime};base64,{encoded}"
+
+
+def portable(body: dict[str, Any], root: Path | None) -> dict[str, Any]:
+    """The body as the journal hashes it: local files by their path under ``root``.
+
+    So moving the project (input table and images together) does not make every image row a
+    new request; size and modification time stay in each reference.
+    """
+    if root is None or not has_local(body):
+        return body
+    prefix = root.resolve().as_uri().rstrip("/") + "/"
+    return json.loads(json.dumps(body, ensure_ascii=False).replace(prefix, "file:./"))
 
 
 def has_local(body: dict[str, Any]) -> bool:
     """Whether any content part of the body is a local file (cheap for text-only bodies)."""
     messages = body["input"]["messages"] if "input" in body else body["messages"]
-    return any(isinstance(m.get("content"), list) and "file://" in json.dumps(m["content"])
+    return any(isinstance(m.get("content"), list) and '"file:' in json.dumps(m["content"])
                for m in messages)
 
 
@@ -119,10 +154,10 @@ def materialize(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(p, dict):
             return p
         image = p.get("image")
-        if isinstance(image, str) and image.startswith("file://"):
+        if isinstance(image, str) and image.startswith("file:"):
             return {**p, "image": data_uri(image)}
         url = p.get("image_url")
-        if isinstance(url, dict) and str(url.get("url", "")).startswith("file://"):
+        if isinstance(url, dict) and str(url.get("url", "")).startswith("file:"):
             return {**p, "image_url": {**url, "url": data_uri(url["url"])}}
         return p
 

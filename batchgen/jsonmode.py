@@ -20,8 +20,10 @@ from batchgen.prompts import RowProblem
 NO_JSON_WORD = "batchgen.NoJsonWord"
 JSON_OBJECT = {"type": "json_object"}
 
-# DashScope documents structured output for its non-thinking chat models; QwQ / QVQ only think.
-_NO_SCHEMA = re.compile(r"^(qwq|qvq)")
+# DashScope takes a json_schema only on some of its commercial models, and never while they
+# think; elsewhere JSON mode is sent and the schema is checked here. Other OpenAI-compatible
+# servers (vLLM, llama.cpp, Ollama) take schemas whatever the model.
+_SCHEMA_MODELS = re.compile(r"^(qwen-plus|qwen-max|qwen-flash|qwen3-max|qwen3\.[5-9])")
 
 
 def load_schema(path: Path) -> dict[str, Any]:
@@ -44,15 +46,18 @@ def load_schema(path: Path) -> dict[str, Any]:
     return schema
 
 
-def schema_supported(model: str, parameters: Mapping[str, Any]) -> bool:
+def schema_supported(model: str, parameters: Mapping[str, Any], dashscope: bool = True) -> bool:
     """Whether to send the schema itself (else JSON mode, and the schema is checked locally)."""
-    return not _NO_SCHEMA.match(model.lower()) and parameters.get("enable_thinking") is not True
+    if not dashscope:
+        return True
+    return bool(_SCHEMA_MODELS.match(model.lower())) and parameters.get("enable_thinking") is not True
 
 
 def response_format(model: str, parameters: Mapping[str, Any], *, json_mode: bool,
-                    schema: Mapping[str, Any] | None, name: str = "reply") -> dict[str, Any] | None:
+                    schema: Mapping[str, Any] | None, name: str = "reply",
+                    dashscope: bool = True) -> dict[str, Any] | None:
     """The ``response_format`` to send, or None when replies are free text."""
-    if schema is not None and schema_supported(model, parameters):
+    if schema is not None and schema_supported(model, parameters, dashscope):
         safe = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64] or "reply"
         return {"type": "json_schema",
                 "json_schema": {"name": safe, "schema": dict(schema), "strict": True}}

@@ -22,6 +22,10 @@ ROUTE_PATHS: dict[str, str] = {
     "multimodal": "/services/aigc/multimodal-generation/generation",
 }
 
+# DashScope's gateway refuses bodies over 16 MiB, or 64 MiB when they carry base64 images.
+MAX_BODY = 16 * 1024 * 1024
+MAX_BODY_BASE64 = 64 * 1024 * 1024
+
 COMPATIBLE_PREFIX = "/compatible-mode/v1"  # the OpenAI-compatible API on the same hosts
 NATIVE_PREFIX = "/api/v1"
 
@@ -49,20 +53,28 @@ def route_for_model(model: str) -> Route:
 
 # Open-source Qwen3 checkpoints (qwen3-8b, qwen3-235b-a22b, ...) think by default and think
 # only in streamed calls; QwQ / QVQ always think; omni models answer only streamed.
-_OPEN_QWEN3 = re.compile(r"^qwen3-\d+(\.\d+)?b(-a\d+(\.\d+)?b)?(-|$)")
-_STREAM_ONLY = re.compile(r"^(qwq|qvq)|omni")
+_OPEN_QWEN3 = re.compile(r"^qwen3-\d+(\.\d+)?b(-a\d+(\.\d+)?b)?$")
+_STREAM_ONLY = re.compile(r"^(qwq|qvq)|omni|^qwen3-[\w.-]*-thinking")
 
 
 def needs_stream(model: str, parameters: Mapping[str, Any]) -> bool:
     """Whether DashScope answers ``model`` with these parameters only as a streamed call.
 
-    Non-streamed, such requests fail with "... only support stream ...". The same rule is in
-    the simulator (``simulator.only_streamed``), and ``tests/test_protocol.py`` holds them equal.
+    Non-streamed, such requests fail ("parameter.enable_thinking must be set to false for
+    non-streaming calls", "... only support stream ..."). The simulator has the same rule
+    (``simulator.only_streamed``); ``tests/test_wire.py`` holds the two equal.
     """
     name = model.lower()
     if _STREAM_ONLY.search(name):
         return True
     return bool(_OPEN_QWEN3.match(name)) and parameters.get("enable_thinking") is not False
+
+
+def stream_by_default(model: str, parameters: Mapping[str, Any]) -> bool:
+    """batchgen's choice without --stream/--no-stream: streamed where required, and whenever
+    thinking is asked for (DashScope refuses some hybrids' unstreamed thinking too, with
+    "enable_thinking must be set to false for non-streaming calls"; streaming costs nothing)."""
+    return needs_stream(model, parameters) or parameters.get("enable_thinking") is True
 
 
 def native_part(part: Any) -> Any:
@@ -133,6 +145,7 @@ class APIError:
     request_id: str | None
     disposition: Disposition
     retry_after: float | None = None
+    billed: tuple[int, int] | None = None  # (input, output) tokens a cut stream was billed
 
 
 def _text_of(content: Any) -> str | None:
@@ -215,7 +228,8 @@ def classify(http_status: int | None, code: str, message: str) -> Disposition:
     if (code in _FATAL_CODES or code.startswith("AccessDenied")
             or "free allocated quota exceeded" in lowered
             or "model not exist" in lowered or "url error" in lowered
-            or "only support stream" in lowered):
+            or "only support stream" in lowered or "non-streaming calls" in lowered
+            or "stream=false" in lowered):
         return Disposition.FATAL
     if http_status in (401, 403, 404):
         return Disposition.FATAL
@@ -305,9 +319,12 @@ class StreamAssembler:
         return self._finish is not None
 
     def cut(self, why: str) -> APIError:
+        """The stream ended early: retry, and keep what its last usage says was billed."""
+        tokens = (self._usage.get("input_tokens"), self._usage.get("output_tokens"))
+        billed = (tokens[0] or 0, tokens[1] or 0) if any(tokens) else None
         return APIError(200, "batchgen.StreamCut",
                         f"{why} after {self.chunks} chunk{'s' if self.chunks != 1 else ''}",
-                        self.request_id, Disposition.RETRY)
+                        self.request_id, Disposition.RETRY, billed=billed)
 
     def result(self) -> Reply | APIError:
         if not self.finished:
@@ -377,6 +394,8 @@ _FATAL_HINTS: tuple[tuple[str, str], ...] = (
                      "--workspace / DASHSCOPE_WORKSPACE_ID, or buy access in the console"),
     ("url error", "the model is not served on this route: qwen3.5+/VL/omni models need "
                   "--endpoint multimodal, text models --endpoint text"),
+    ("non-streaming calls", "this model or mode answers only streamed calls: drop --no-stream "
+                            "(batchgen streams such models by itself) or pass --disable-thinking"),
     ("only support stream", "this model or mode answers only streamed calls: drop --no-stream "
                             "(batchgen streams such models by itself) or pass --disable-thinking"),
     ("model not exist", "no such model in this region: check -m/--model and --region"),

@@ -24,7 +24,7 @@ from batchgen.budget import IMAGE_TOKENS_TYPICAL, Budget, count_input_tokens, ro
 from batchgen.client import Caller, CallOutcome, make_transport
 from batchgen.config import RunConfig
 from batchgen.errors import FatalAPIError, UsageError
-from batchgen.images import IMAGE_NOT_FOUND, has_local, materialize
+from batchgen.images import BAD_IMAGE, IMAGE_NOT_FOUND, has_local, materialize, portable
 from batchgen.journal import Entry, Journal, request_hash, row_keys
 from batchgen.jsonmode import json_word_problem, mentions_json, reply_checker
 from batchgen.pricing import PriceTable
@@ -101,6 +101,8 @@ class RunStats:
     output_tokens: int = 0
     sent_input_tokens: int = 0  # this run's requests only
     sent_output_tokens: int = 0
+    cut_streams: int = 0  # rows with streamed attempts cut before their end (billed anyway)
+    cut_output_tokens: int = 0  # what those cut attempts had generated, in sent_* and spent
     attempts: int = 0
     error_codes: Counter[str] = field(default_factory=Counter)
     finished: float | None = None
@@ -216,6 +218,11 @@ def messages_of(body: dict[str, Any]) -> list[dict[str, Any]]:
     return body["input"]["messages"] if "input" in body else body["messages"]
 
 
+def row_digest(body: dict[str, Any], endpoint: str, spec: PromptSpec) -> str:
+    """The journal's hash of a row's request (local images by their path under the table)."""
+    return request_hash(portable(body, spec.image_root), endpoint)
+
+
 def request_body(config: RunConfig, messages: list[dict[str, Any]]) -> dict[str, Any] | RowProblem:
     """One row's request as the run's API takes it, or why the row cannot be sent.
 
@@ -259,11 +266,30 @@ def _result_of(outcome: CallOutcome, model: str,
         message = f"not finished, the run stopped; last attempt: {message}"
     else:
         status = ERROR
-        final = error.disposition is Disposition.ROW_ERROR
+        # A file that could not be read when the row was sent may be back next run.
+        final = error.disposition is Disposition.ROW_ERROR and error.code != IMAGE_NOT_FOUND
     return RowResult(status=status, model=model, request_id=error.request_id,
                      error_code=error.code, error_message=message,
                      http_status=outcome.http_status, attempts=outcome.attempts,
                      latency_ms=outcome.latency_ms, finished_at=_now()), final
+
+
+def _bill_cut_streams(outcome: CallOutcome, stats: RunStats, price: Any,
+                      parameters: dict[str, Any] | Any) -> Decimal:
+    """Streams cut midway are billed for what they generated: count it as spent, not lost."""
+    billed_in, billed_out = outcome.billed
+    if not (billed_in or billed_out):
+        return Decimal(0)
+    stats.cut_streams += 1
+    stats.cut_output_tokens += billed_out
+    stats.sent_input_tokens += billed_in
+    stats.sent_output_tokens += billed_out
+    if price is None:
+        return Decimal(0)
+    cost = price.cost(input_tokens=billed_in, output_tokens=billed_out,
+                      thinking=parameters.get("enable_thinking") is True)
+    stats.spent += cost
+    return cost
 
 
 def results_frame(results: list[RowResult]) -> pl.DataFrame:
@@ -402,10 +428,13 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
                                                error_code=body.code, error_message=body.message,
                                                attempts=0, finished_at=_now()))
                     continue
-                digest = request_hash(body, endpoint or config.base_url)
+                digest = row_digest(body, endpoint or config.base_url, spec)
                 entry = previous.get(keys[i])
                 if entry is not None and entry.answers(digest, retry_errors=retry_errors):
-                    finish(batch, i, _from_journal(entry), resumed=True)
+                    earlier = _from_journal(entry)
+                    if check_json is not None and earlier.status == OK:  # today's schema
+                        earlier.reply_json_valid = check_json(earlier.reply)
+                    finish(batch, i, earlier, resumed=True)
                     continue
                 if entry is not None and entry.request_hash != digest:
                     stats.changed += 1
@@ -453,6 +482,9 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
                     None, IMAGE_NOT_FOUND, f"an image file could not be read: "
                     f"{exc.strerror or exc}: {exc.filename}", None, Disposition.ROW_ERROR),
                     0, None, None)
+            except ValueError as exc:
+                outcome = CallOutcome(None, APIError(None, BAD_IMAGE, str(exc), None,
+                                                     Disposition.ROW_ERROR), 0, None, None)
             else:
                 outcome = await _call(body, tokens, key)
             if outcome.reply is not None:
@@ -468,11 +500,12 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
             if fatal:
                 caller.interrupt()
             result, final = _result_of(outcome, config.model, check_json)
+            wasted = _bill_cut_streams(outcome, stats, model_price, config.parameters)
             if result.status != SKIPPED and journal is not None:
                 journal.record(key, digest, final, result)
             cost = finish(batch, i, result)
             if budget is not None:
-                await budget.settle(worst, cost)
+                await budget.settle(worst, (cost or Decimal(0)) + wasted)
 
         async def worker() -> None:
             while True:
@@ -532,6 +565,10 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
     stats.finished = time.monotonic()
     if stats.changed:
         log.info("%s rows changed since the last run and were sent again", f"{stats.changed:,}")
+    if stats.cut_streams:
+        log.info("%s rows had streams cut before their end and sent again; DashScope bills what "
+                 "a cut stream generated (%s output tokens), counted in this run's spend",
+                 f"{stats.cut_streams:,}", f"{stats.cut_output_tokens:,}")
     error = None
     if fatal:
         first = fatal[0]

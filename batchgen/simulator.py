@@ -124,8 +124,8 @@ _MSG_STREAM_ONLY = (
     "This model only support stream mode, please enable the stream parameter to access the model."
 )
 _MSG_THINKING_STREAM_ONLY = (
-    "parameter.enable_thinking only support stream call, please set enable_thinking to false or use "
-    "stream call."
+    # The real wording, as users of the service report it.
+    "parameter.enable_thinking must be set to false for non-streaming calls"
 )
 _MSG_INCREMENTAL = "The incremental_output parameter must be true when enable_thinking is true."
 _MSG_JSON_WORD = (
@@ -214,10 +214,10 @@ _KNOWN_MODEL_RE = re.compile(
 # Thinking: qwq/qvq and the open-source "-thinking" snapshots always think; the open-source
 # hybrid Qwen3 models (qwen3-8b, qwen3-235b-a22b, ...) think unless told not to; every other
 # hybrid model (qwen-plus, qwen3-max, qwen3.5-plus, ...) thinks only when told to.
-_ALWAYS_THINKS_RE = re.compile(r"qwq-|qvq-|qwen3-\d[\w.-]*-thinking")
+_ALWAYS_THINKS_RE = re.compile(r"qwq-|qvq-|qwen3-[\w.-]*-thinking")
 _OPEN_HYBRID_RE = re.compile(r"qwen3-\d+(?:\.\d+)?b(?:-a\d+(?:\.\d+)?b)?$")
 # Models that refuse non-streamed calls whatever the parameters.
-_STREAM_ONLY_RE = re.compile(r"qwq-|qvq-|qwen-omni|qwen3-omni|qwen2\.5-omni|qwen3-\d[\w.-]*-thinking")
+_STREAM_ONLY_RE = re.compile(r"qwq-|qvq-|qwen-omni|qwen3-omni|qwen2\.5-omni|qwen3-[\w.-]*-thinking")
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 FaultName = Literal["fault_429", "fault_500", "fault_drop", "fault_truncate", "fault_hang", "fault_200_error"]
@@ -1456,20 +1456,33 @@ class Simulator:
             if answer.outcome.startswith("quota"):
                 stats.throttled.append(time.monotonic())
         delivered = not truncate
+        served: list[tuple[float, int]] = []
+
+        def serve() -> None:
+            if answer.content is not None:
+                stats.served[request_id] = answer.content
+                served.append((time.monotonic(), answer.total_tokens))
+                stats.answered.append(served[0])
+
         if answer.events is not None:
             stats.streamed += 1
-            response, delivered = await self._send_events(request, answer.events, request_id, cut=truncate)
+            response, delivered = await self._send_events(
+                request, answer.events, request_id, cut=truncate, before_last=serve
+            )
+            if not delivered and served:
+                # The client left before the last event: not served after all (a retry will
+                # be), and a test comparing a result file with ``served`` must not find it.
+                stats.served.pop(request_id, None)
+                stats.answered.remove(served[0])
+            return response
         elif truncate:
             assert answer.payload is not None
             response = await self._send_truncated(request, answer.status, _dumps(answer.payload), request_id)
         else:
             assert answer.payload is not None
             response = _json_response(answer.status, answer.payload, request_id)
-        # A stream whose client left half-way was not served: a retry will be, and a test that
-        # compares a result file with ``served`` must not find the abandoned one.
-        if answer.content is not None and delivered:
-            stats.served[request_id] = answer.content
-            stats.answered.append((time.monotonic(), answer.total_tokens))
+        if delivered:
+            serve()
         return response
 
     async def _prepare(self, request: web.Request, route: str, sse: bool) -> _Call:
@@ -1592,13 +1605,15 @@ class Simulator:
 
     @staticmethod
     async def _send_events(
-        request: web.Request, events: list[bytes], request_id: str, *, cut: bool
+        request: web.Request, events: list[bytes], request_id: str, *, cut: bool,
+        before_last: Callable[[], None] = lambda: None,
     ) -> tuple[web.StreamResponse, bool]:
         """Stream ``events`` in chunked encoding, one chunk each; say whether all were written.
 
         ``cut`` sends about half of them (half the bytes of a lone event) and closes the
         connection without the final empty chunk: a stream that died mid-way, which a client
-        must not mistake for a complete one.
+        must not mistake for a complete one. ``before_last`` runs just before the last event is
+        written: a client may act on that event before this coroutine resumes.
         """
         response = web.StreamResponse(
             status=200, headers={"x-request-id": request_id, "Content-Type": _SSE_CONTENT_TYPE}
@@ -1617,8 +1632,10 @@ class Simulator:
                 if request.transport is not None:
                     request.transport.close()  # flushes what was written, then closes
                 return response, False
-            for event in events:
+            for event in events[:-1]:
                 await response.write(event)
+            before_last()
+            await response.write(events[-1])
             await response.write_eof()
             return response, True
         return response, False

@@ -129,12 +129,23 @@ def test_thinking_only_models_are_streamed_by_themselves(simulator, tmp_path):
     assert frame["reasoning"][0] == expected.reasoning
 
 
+def test_thinking_is_streamed_by_default(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", PROMPTS[:3])
+    assert run(sim, source, tmp_path / "a.csv", "--enable-thinking").exit_code == 0
+    assert sim.stats.streamed == 3
+    assert run(sim, source, tmp_path / "b.csv", "--disable-thinking").exit_code == 0
+    assert sim.stats.streamed == 3  # not thinking: plain calls
+
+
 def test_no_stream_on_a_stream_only_model_stops_with_the_fix(simulator, tmp_path):
     sim = simulator()
     source = write_prompts(tmp_path / "in.csv", PROMPTS[:3])
     result = run(sim, source, tmp_path / "out.csv", "-m", "qwen3-8b", "--no-stream")
     assert result.exit_code == 1
-    assert "only support stream" in result.stderr and "--no-stream" in result.stderr
+    assert "non-streaming calls" in result.stderr and "--no-stream" in result.stderr
+    result = run(sim, source, tmp_path / "qwq.csv", "-m", "qwq-plus", "--no-stream")
+    assert result.exit_code == 1 and "only support stream" in result.stderr
     # ... and thinking off is answered unstreamed.
     result = run(sim, source, tmp_path / "off.csv", "-m", "qwen3-8b", "--disable-thinking")
     assert result.exit_code == 0, result.stderr
@@ -336,3 +347,60 @@ def test_simulate_with_the_openai_api(tmp_path):
                      "--api", "openai"], key=None)
     assert result.exit_code == 0, result.stderr
     assert pl.read_csv(tmp_path / "o.csv")["status"].to_list() == ["ok"] * 3
+
+
+def test_the_dashscope_key_never_goes_to_another_server(simulator, tmp_path):
+    from click.testing import CliRunner
+
+    from batchgen.cli import cli
+
+    sim = simulator()  # stands in for a vLLM server that accepts KEY
+    source = write_prompts(tmp_path / "in.csv", PROMPTS[:2])
+    other = sim.base_url.replace("/api/v1", "/compatible-mode/v1")
+    args = ["run", str(source), "-o", str(tmp_path / "o.csv"), "--api", "openai", "--base-url",
+            other]
+    secret = {"DASHSCOPE_API_KEY": "sk-dashscope-secret", "DASHSCOPE_WORKSPACE_ID": "ws-1"}
+
+    refused = CliRunner().invoke(cli, args, env=secret)
+    assert refused.exit_code == 2 and "OPENAI_API_KEY" in refused.stderr
+    assert sim.stats.requests == 0
+
+    result = CliRunner().invoke(cli, args, env={**secret, "OPENAI_API_KEY": KEY})
+    assert result.exit_code == 0, result.stderr  # the simulator accepts KEY only
+    assert sim.stats.routes["openai"] == 2
+    assert not sim.stats.workspaces  # nor the DashScope workspace
+
+
+def test_resumed_json_rows_are_checked_against_todays_schema(simulator, tmp_path):
+    sim = simulator()
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["prompt"]}))
+    source = write_prompts(tmp_path / "in.csv", ["json please", "more json"])
+    out = tmp_path / "out.csv"
+    # QwQ takes no schema: JSON mode is sent, so the schema is not part of the request.
+    assert run(sim, source, out, "-m", "qwq-plus", "--json-schema", str(schema)).exit_code == 0
+    assert pl.read_csv(out)["reply_json_valid"].to_list() == [True, True]
+    sent = sim.stats.requests
+
+    schema.write_text(json.dumps({"type": "object", "required": ["nope"]}))
+    assert run(sim, source, out, "-m", "qwq-plus", "--json-schema", str(schema)).exit_code == 0
+    assert sim.stats.requests == sent  # resumed, not paid again
+    assert pl.read_csv(out)["reply_json_valid"].to_list() == [False, False]
+
+
+def test_an_image_file_of_another_type_in_a_messages_column_fails_only_its_row(simulator,
+                                                                              tmp_path):
+    sim = simulator()
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "a.png").write_bytes(PNG)
+    cells = [json.dumps([{"role": "user", "content": [{"image": (tmp_path / name).as_uri()},
+                                                      {"text": "what?"}]}])
+             for name in ("notes.txt", "a.png")]
+    source = tmp_path / "in.csv"
+    pl.DataFrame({"messages": cells}).write_csv(source)
+    out = tmp_path / "out.csv"
+    result = run(sim, source, out, "-m", "qwen-vl-max", "--messages-column", "messages")
+    assert result.exit_code == 3, result.stderr
+    frame = pl.read_csv(out)
+    assert frame["status"].to_list() == ["error", "ok"]
+    assert frame["error_code"][0] == "batchgen.InvalidImage"

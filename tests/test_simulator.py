@@ -1236,8 +1236,8 @@ def test_output_inspection_marker_fails_a_stream_midway(sim: SimulatorThread, cl
 
 STREAM_ONLY = "This model only support stream mode, please enable the stream parameter to access the model."
 THINKING_STREAM_ONLY = (
-    "parameter.enable_thinking only support stream call, please set enable_thinking to false or use "
-    "stream call."
+    # The real wording, as users of the service report it.
+    "parameter.enable_thinking must be set to false for non-streaming calls"
 )
 
 

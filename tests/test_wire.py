@@ -159,6 +159,22 @@ def test_a_stream_event_that_is_not_json_is_retried():
     assert (result.code, result.disposition) == ("batchgen.BadResponse", Disposition.RETRY)
 
 
+@pytest.mark.parametrize("message", [
+    "parameter.enable_thinking must be set to false for non-streaming calls",
+    "This model only support stream mode, please enable the stream parameter to access the model.",
+])
+def test_refusals_of_unstreamed_calls_stop_the_run_with_the_fix(message):
+    from batchgen.protocol import fatal_hint, interpret
+
+    native = interpret(400, {}, json.dumps({"code": "InvalidParameter", "message": message}).encode())
+    openai = compat.interpret(400, {}, json.dumps({"error": {
+        "code": "invalid_parameter_error", "message": message,
+        "type": "invalid_request_error"}}).encode())
+    for error in (native, openai):
+        assert isinstance(error, APIError) and error.disposition is Disposition.FATAL
+        assert "--no-stream" in fatal_hint(error)
+
+
 @pytest.mark.parametrize(("model", "parameters", "streamed"), [
     ("qwen-plus", {}, False),
     ("qwen-plus", {"enable_thinking": True}, False),
@@ -171,16 +187,25 @@ def test_a_stream_event_that_is_not_json_is_retried():
     ("qwen3-30b-a3b", {"enable_thinking": False}, False),
     ("qwen3-max", {}, False),
     ("qwen3.5-plus", {"enable_thinking": True}, False),
+    ("qwen3-next-80b-a3b-thinking", {}, True),
 ])
 def test_which_requests_must_be_streamed(model, parameters, streamed):
     assert needs_stream(model, parameters) is streamed
+
+
+def test_thinking_is_streamed_unless_told_otherwise():
+    assert RunConfig(api_key="k", parameters={"enable_thinking": True}).effective_stream
+    assert not RunConfig(api_key="k").effective_stream
+    assert not RunConfig(api_key="k", parameters={"enable_thinking": True},
+                         stream=False).effective_stream
 
 
 def test_needs_stream_agrees_with_the_simulator():
     from batchgen.simulator import only_streamed
 
     for model in ("qwen-plus", "qwq-plus", "qvq-max", "qwen3-omni-flash", "qwen3-8b",
-                  "qwen3-235b-a22b", "qwen3-max", "qwen3.5-plus", "qwen-vl-max"):
+                  "qwen3-235b-a22b", "qwen3-max", "qwen3.5-plus", "qwen-vl-max",
+                  "qwen3-next-80b-a3b-thinking", "qwen3-vl-235b-a22b-thinking"):
         for parameters in ({}, {"enable_thinking": True}, {"enable_thinking": False}):
             assert needs_stream(model, parameters) is only_streamed(model, parameters), \
                 (model, parameters)
@@ -296,10 +321,26 @@ def test_openai_stream_joins_deltas_and_keeps_the_usage_chunk():
     assert reply == Reply("Hello", "hmm", "stop", "hdr", 5, 3, 8, None, None)
 
 
-def test_openai_stream_without_done_is_complete_once_finish_and_usage_came():
+def test_openai_stream_without_done_is_complete_once_the_finish_reason_came():
     assert isinstance(read_openai(openai_stream(delta("a", "stop"), USAGE, done=False)), Reply)
+    whole = read_openai(openai_stream(delta("a", "stop"), done=False))  # no usage chunk at all
+    assert isinstance(whole, Reply) and whole.content == "a" and whole.input_tokens is None
     cut = read_openai(openai_stream(delta("a"), delta("b"), done=False))
     assert isinstance(cut, APIError) and cut.code == "batchgen.StreamCut"
+
+
+def test_a_vllm_error_inside_a_stream_with_a_numeric_code_is_retried():
+    error = read_openai(openai_stream(delta("a"), {"error": {
+        "object": "error", "message": "engine died", "type": "InternalServerError",
+        "code": 500}}, done=False))
+    assert isinstance(error, APIError)
+    assert (error.http_status, error.code, error.disposition) == (500, "InternalServerError",
+                                                                  Disposition.RETRY)
+
+
+def test_a_cut_stream_keeps_what_it_was_billed():
+    error = assemble(RECORDED + chunk(2, " more", "null", 7))
+    assert isinstance(error, APIError) and error.billed == (8, 7)
 
 
 def test_openai_stream_error_event():
@@ -342,9 +383,68 @@ def test_image_cells(cell, refs):
     assert cell_refs(cell) == refs
 
 
-def test_a_bad_image_cell_is_a_row_problem():
-    assert isinstance(cell_refs("[not json"), RowProblem)
+def test_a_bad_image_cell_is_a_row_problem_and_a_bracketed_name_is_a_file():
     assert isinstance(cell_refs([1, 2]), RowProblem)
+    assert isinstance(cell_refs('["a.png", 3]'), RowProblem)
+    assert cell_refs("[1].png") == ["[1].png"]
+
+
+def test_file_uris_relative_and_absolute(tmp_path):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "a b#1.png").write_bytes(PNG)
+    relative = resolve("file://dir/a%20b%231.png", tmp_path)
+    absolute = resolve((tmp_path / "dir" / "a b#1.png").as_uri(), Path("/elsewhere"))
+    assert isinstance(relative, str) and relative == absolute
+    assert materialize({"messages": [{"role": "user", "content": [{"image": relative}]}]}
+                       )["messages"][0]["content"][0]["image"].startswith("data:image/png;base64,")
+
+
+def test_a_row_whose_image_files_are_over_the_limit_is_refused_when_planned(tmp_path):
+    with (tmp_path / "big.png").open("wb") as f:
+        f.truncate(25 * 2**20)  # sparse: 25 MiB, 33 MiB as base64
+    assert isinstance(row_images(["big.png"], tmp_path), list)
+    refused = row_images([["big.png", "big.png"]], tmp_path)
+    assert isinstance(refused, RowProblem) and refused.code == "batchgen.TooLarge"
+
+
+def test_the_journal_hash_of_local_images_survives_moving_the_project(tmp_path):
+    from batchgen.prompts import PromptSpec
+    from batchgen.runner import row_digest
+
+    digests = []
+    for folder in ("one", "two"):
+        root = tmp_path / folder
+        root.mkdir()
+        (root / "a.png").write_bytes(PNG)
+        import os
+
+        os.utime(root / "a.png", ns=(10**18, 10**18))
+        messages = attach([{"role": "user", "content": "what?"}], row_images(["a.png"], root))
+        body = build_body("qwen-vl-max", messages, {}, "multimodal")
+        digests.append(row_digest(body, "e", PromptSpec(image_root=root)))
+    assert digests[0] == digests[1]
+    (tmp_path / "two" / "a.png").write_bytes(PNG + b"x")  # a changed file is a new request
+    messages = attach([{"role": "user", "content": "what?"}],
+                      row_images(["a.png"], tmp_path / "two"))
+    body = build_body("qwen-vl-max", messages, {}, "multimodal")
+    assert row_digest(body, "e", PromptSpec(image_root=tmp_path / "two")) != digests[1]
+
+
+def test_a_messages_column_file_of_another_type_is_that_rows_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": (tmp_path / "notes.txt").as_uri()}}]}]}
+    with pytest.raises(ValueError, match="not an image type"):
+        materialize(body)
+
+
+def test_an_image_unreadable_at_send_time_is_not_a_final_error():
+    from batchgen.client import CallOutcome
+    from batchgen.runner import _result_of
+
+    gone = APIError(None, "batchgen.ImageNotFound", "gone", None, Disposition.ROW_ERROR)
+    result, final = _result_of(CallOutcome(None, gone, 0, None, None), "m")
+    assert result.status == "error" and final is False
 
 
 def test_local_images_resolve_relative_to_the_table_and_carry_a_fingerprint(tmp_path):
@@ -407,6 +507,9 @@ def test_schema_is_sent_where_supported_else_json_mode():
     assert sent == {"type": "json_schema", "json_schema": {"name": "my_schema_", "schema": SCHEMA,
                                                            "strict": True}}
     assert response_format("qwq-plus", {}, json_mode=False, schema=SCHEMA) == {"type": "json_object"}
+    assert response_format("qwen-vl-max", {}, json_mode=False, schema=SCHEMA)["type"] == "json_object"
+    assert response_format("qwen-vl-max", {}, json_mode=False, schema=SCHEMA,
+                           dashscope=False)["type"] == "json_schema"  # vLLM and the like
     assert response_format("qwen-plus", {"enable_thinking": True}, json_mode=True,
                            schema=None) == {"type": "json_object"}
     assert response_format("qwen-plus", {}, json_mode=False, schema=None) is None
@@ -447,3 +550,92 @@ def test_images_count_in_token_estimates():
     base = count_input_tokens("qwen-vl-max", text)
     assert count_input_tokens("qwen-vl-max", native) == base
     assert count_input_tokens("qwen-vl-max", openai, IMAGE_TOKENS_MAX) == base + 2 * IMAGE_TOKENS_MAX
+
+
+# --- the Caller on crafted responses -------------------------------------------------------
+
+def call_with(respond, *, timeout: float = 1.0, stream: bool = True, attempts: int = 2):
+    """One ``Caller.call`` against a handler returning crafted httpx responses."""
+    import asyncio
+
+    import httpx
+
+    from batchgen.client import Caller
+    from batchgen.ratelimit import Governor
+
+    sent = []
+
+    def handler(request):
+        sent.append(request)
+        return respond()
+
+    async def main():
+        config = RunConfig(api_key="sk-k", base_url="http://test/api/v1", stream=stream,
+                           timeout=timeout, max_attempts=attempts)
+        async with httpx.MockTransport(handler) as transport:
+            caller = Caller(config, transport, governor=Governor(60000, adaptive=False),
+                            aborted=lambda: False, sleep=lambda s: asyncio.sleep(0))
+            return await caller.call(build_body("qwen-plus", [{"role": "user", "content": "hi"}],
+                                                {}, "text"))
+
+    return asyncio.run(main()), sent
+
+
+SSE_HEADERS = {"content-type": "text/event-stream;charset=UTF-8", "x-request-id": "rid"}
+
+
+def test_timeout_bounds_the_silence_of_a_stream_not_its_length():
+    import asyncio
+
+    import httpx
+
+    async def trickle():
+        for n in range(1, 8):  # 0.7 s in all, never 0.3 s without a chunk
+            await asyncio.sleep(0.1)
+            yield chunk(n, f"w{n} ", "null" if n < 7 else "stop", n)
+
+    outcome, sent = call_with(lambda: httpx.Response(200, headers=SSE_HEADERS, content=trickle()),
+                              timeout=0.3)
+    assert outcome.reply is not None and outcome.reply.content == "w1 w2 w3 w4 w5 w6 w7 "
+    assert (outcome.attempts, len(sent)) == (1, 1)
+    assert sent[0].headers["X-DashScope-SSE"] == "enable"
+    assert json.loads(sent[0].content)["parameters"]["incremental_output"] is True
+
+    async def stall():
+        yield chunk(1, "w1", "null", 1)
+        await asyncio.sleep(5)
+        yield chunk(2, "", "stop", 1)
+
+    outcome, _ = call_with(lambda: httpx.Response(200, headers=SSE_HEADERS, content=stall()),
+                           timeout=0.3, attempts=1)
+    assert outcome.error is not None and outcome.error.code == "batchgen.Timeout"
+    assert "nothing more of the stream" in outcome.error.message
+
+
+def test_an_error_sent_as_sse_under_its_own_status_keeps_its_code():
+    import httpx
+
+    body = (b'id:1\nevent:error\ndata:{"code":"Arrearage","message":"Access denied, please make '
+            b'sure your account is in good standing.","request_id":"r9"}\n\n')
+    outcome, sent = call_with(lambda: httpx.Response(400, headers=SSE_HEADERS, content=body))
+    assert outcome.error is not None and len(sent) == 1
+    assert (outcome.error.code, outcome.error.http_status) == ("Arrearage", 400)
+    assert outcome.error.disposition is Disposition.FATAL
+
+
+def test_events_labelled_as_json_are_still_read_as_a_stream():
+    import httpx
+
+    body = RECORDED + chunk(2, "", "stop", 1)
+    outcome, sent = call_with(lambda: httpx.Response(
+        200, headers={"content-type": "application/json"}, content=body))
+    assert outcome.reply is not None and outcome.reply.content == "1" and len(sent) == 1
+
+
+def test_cut_streams_report_what_they_were_billed():
+    import httpx
+
+    outcome, sent = call_with(lambda: httpx.Response(200, headers=SSE_HEADERS,
+                                                     content=RECORDED), attempts=2)
+    assert outcome.error is not None and outcome.error.code == "batchgen.StreamCut"
+    assert outcome.billed == (16, 2) and len(sent) == 2
