@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from batchgen.protocol import (
-    RETRYABLE_STATUSES,
     APIError,
     Disposition,
     Reply,
@@ -24,6 +23,7 @@ from batchgen.protocol import (
     _stream_error,
     _text_of,
     classify,
+    load_body,
 )
 
 CHAT_PATH = "/chat/completions"
@@ -124,17 +124,9 @@ def _error_of(status: int, body: Mapping[str, Any], header_id: str | None,
 def interpret(http_status: int, headers: Mapping[str, str], raw: bytes) -> Reply | APIError:
     """One HTTP response of the compatible API as a reply or a classified error."""
     header_id = headers.get("x-request-id")
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        detail = raw[:120].decode("utf-8", "replace").strip() or "empty body"
-        message = f"HTTP {http_status} with a body that is not a JSON object: {detail}"
-        code = "batchgen.BadResponse"
-        disposition = (Disposition.RETRY if http_status in RETRYABLE_STATUSES or http_status < 400
-                       else classify(http_status, code, message))
-        return APIError(http_status, code, message, header_id, disposition, _retry_after(headers))
+    body = load_body(http_status, headers, raw)
+    if isinstance(body, APIError):
+        return body
     if http_status == 200 and not body.get("error") and not body.get("code"):
         if isinstance(body.get("choices"), list) and body["choices"]:
             return parse_reply(body, header_id)

@@ -249,6 +249,23 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         return None
 
 
+def load_body(http_status: int, headers: Mapping[str, str], raw: bytes) -> dict[str, Any] | APIError:
+    """A response body as a JSON object, or the transient fault it is when it is not one."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        return body
+    code = "batchgen.BadResponse"
+    detail = raw[:120].decode("utf-8", "replace").strip() or "empty body"
+    message = f"HTTP {http_status} with a body that is not a JSON object: {detail}"
+    disposition = (Disposition.RETRY if http_status in RETRYABLE_STATUSES or http_status < 400
+                   else classify(http_status, code, message))
+    return APIError(http_status, code, message, headers.get("x-request-id"), disposition,
+                    _retry_after(headers))
+
+
 def interpret(http_status: int, headers: Mapping[str, str], raw: bytes) -> Reply | APIError:
     """Turn one HTTP response into a reply or a classified error.
 
@@ -256,17 +273,9 @@ def interpret(http_status: int, headers: Mapping[str, str], raw: bytes) -> Reply
     not JSON is a transient fault (a truncated or proxied answer), retried like a 5xx.
     """
     header_id = headers.get("x-request-id")
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        code = "batchgen.BadResponse"
-        detail = raw[:120].decode("utf-8", "replace").strip() or "empty body"
-        message = f"HTTP {http_status} with a body that is not a JSON object: {detail}"
-        disposition = (Disposition.RETRY if http_status in RETRYABLE_STATUSES or http_status < 400
-                       else classify(http_status, code, message))
-        return APIError(http_status, code, message, header_id, disposition, _retry_after(headers))
+    body = load_body(http_status, headers, raw)
+    if isinstance(body, APIError):
+        return body
     request_id = body.get("request_id") or header_id
     code = body.get("code")
     if http_status == 200 and not code:
