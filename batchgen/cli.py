@@ -51,9 +51,10 @@ def _run_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--endpoint", type=click.Choice(["text", "multimodal"]),
                      help="Force the native API route.  [default: chosen from the model]"),
         click.option("--stream/--no-stream", default=None,
-                     help="Send streamed (SSE) requests, or never.  [default: only for models "
-                          "and modes that require it]"),
-        click.option("--base-url", help="API base URL.  [env: DASHSCOPE_HTTP_BASE_URL]"),
+                     help="Send streamed (SSE) requests, or never.  [default: for models and "
+                          "modes that require it, and for thinking]"),
+        click.option("--base-url", help="API base URL.  [env: DASHSCOPE_HTTP_BASE_URL; with "
+                                        "--api openai first OPENAI_BASE_URL]"),
         click.option("--region", type=click.Choice(["intl", "us", "cn", "hk"]),
                      help="Region of the public endpoint.  [env: DASHSCOPE_API_REGION; "
                           "default: intl]"),

@@ -20,7 +20,15 @@ from tenacity.stop import stop_base
 
 from batchgen import __version__, compat, protocol
 from batchgen.config import RunConfig
-from batchgen.protocol import MAX_BODY, MAX_BODY_BASE64, APIError, Disposition, Reply, StreamAssembler
+from batchgen.protocol import (
+    MAX_BODY,
+    MAX_BODY_BASE64,
+    TOO_LARGE,
+    APIError,
+    Disposition,
+    Reply,
+    StreamAssembler,
+)
 from batchgen.ratelimit import Governor, throttle_kind
 from batchgen.sse import SSEDecoder
 
@@ -146,7 +154,7 @@ def _too_large(content: bytes) -> APIError | None:
                    else (MAX_BODY, "without base64 data"))
     if len(content) <= limit:
         return None
-    return APIError(None, "batchgen.TooLarge",
+    return APIError(None, TOO_LARGE,
                     f"the request is {len(content) / 2**20:.1f} MiB, over DashScope's "
                     f"{limit // 2**20} MiB limit for a body {what}: send fewer or smaller images "
                     "(or image URLs), or a shorter prompt", None, Disposition.ROW_ERROR)
@@ -213,33 +221,37 @@ class Caller:
     async def _backoff(self, seconds: float) -> None:
         await self._hold(self._sleep(seconds))
 
-    async def _post(self, content: bytes, deadline: asyncio.Timeout) -> Reply | APIError:
+    async def _post(self, content: bytes, deadline: asyncio.Timeout,
+                    streams: list[StreamAssembler]) -> Reply | APIError:
         request = httpx.Request("POST", self.url, headers=self.headers, content=content,
                                 extensions=self.extensions)
         response = await self.transport.handle_async_request(request)
         status = response.status_code
         try:
             if response.headers.get("content-type", "").startswith("text/event-stream"):
-                return await self._read_stream(response, status, deadline, b"")
+                return await self._read_stream(response, status, deadline, b"", streams)
             # The raw stream: no Accept-Encoding is sent, so the body is not compressed, and
             # httpx's decoder pipeline costs more CPU than the read itself.
             raw = b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]
         finally:
             await response.aclose()
         if self.stream and raw.lstrip().startswith(_SSE_STARTS):  # events under a wrong label
-            return await self._read_stream(None, status, deadline, raw)
+            return await self._read_stream(None, status, deadline, raw, streams)
         return self.dialect.interpret(status, response.headers, raw)
 
     async def _read_stream(self, response: httpx.Response | None, status: int,
-                           deadline: asyncio.Timeout, raw: bytes) -> Reply | APIError:
+                           deadline: asyncio.Timeout, raw: bytes,
+                           streams: list[StreamAssembler]) -> Reply | APIError:
         """Assemble a streamed answer as it arrives; an error event or a cut ends it early.
 
         ``--timeout`` bounds the silence between chunks, not the whole answer: a long thinking
         reply that keeps streaming is never cut (and billed again) for being long. Events
-        under a non-200 status (an error sent as SSE) default to that status.
+        under a non-200 status (an error sent as SSE) default to that status. The assembler
+        goes to ``streams`` so that what a broken stream was billed is known whatever ends it.
         """
-        header_id = response.headers.get("x-request-id") if response is not None else None
-        assembler: StreamAssembler = self.dialect.stream(header_id)
+        headers = response.headers if response is not None else httpx.Headers()
+        assembler: StreamAssembler = self.dialect.stream(headers.get("x-request-id"))
+        streams.append(assembler)
         decoder = SSEDecoder()
         loop = asyncio.get_running_loop()
 
@@ -271,15 +283,17 @@ class Caller:
         if error is not None:
             return error
         if status != 200:  # an SSE body under an error status, with no error event in it
-            return self.dialect.interpret(status, {}, raw or b"")
+            return self.dialect.interpret(status, headers, raw)
         return assembler.result()
 
     async def _attempt(self, content: bytes, tries: _Tries) -> tuple[Reply | APIError, float]:
         await self._hold(self.governor.acquire(tries.tokens))
         tries.attempts += 1
         result, elapsed = await self._exchange(content)
+        billed = (0, 0)
         if isinstance(result, APIError) and result.billed is not None:
-            tries.billed = (tries.billed[0] + result.billed[0], tries.billed[1] + result.billed[1])
+            billed = result.billed
+            tries.billed = (tries.billed[0] + billed[0], tries.billed[1] + billed[1])
         governor = self.governor
         if isinstance(result, Reply):
             used = (result.input_tokens or 0) + (result.output_tokens or 0)
@@ -287,7 +301,7 @@ class Caller:
             if result.output_tokens is not None:
                 governor.observed_output(result.output_tokens)
         else:
-            governor.settle(tries.tokens, 0)  # an error bills nothing
+            governor.settle(tries.tokens, sum(billed))  # an error bills nothing, a cut stream some
             if result.http_status == 429:
                 kind = throttle_kind(result.code, result.message)
                 if kind is not None and result.disposition is Disposition.RETRY:
@@ -295,10 +309,20 @@ class Caller:
         return result, elapsed
 
     async def _exchange(self, content: bytes) -> tuple[Reply | APIError, float]:
+        streams: list[StreamAssembler] = []
+        result, elapsed = await self._timed(content, streams)
+        if isinstance(result, APIError) and streams and result.billed is None:
+            # A stream that ended without its answer (cut, silent, or an error event after
+            # some output) was billed for what it generated, as its last usage says.
+            result = replace(result, billed=streams[0].billed())
+        return result, elapsed
+
+    async def _timed(self, content: bytes,
+                     streams: list[StreamAssembler]) -> tuple[Reply | APIError, float]:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.config.timeout) as deadline:
-                result = await self._post(content, deadline)
+                result = await self._post(content, deadline, streams)
         except TimeoutError:
             elapsed = (time.perf_counter() - started) * 1000
             silence = "nothing more of the stream" if self.stream else "no answer"
@@ -341,7 +365,7 @@ class Caller:
         if self.stream:
             body = self.dialect.streamed_body(body)
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        refused = _too_large(content)
+        refused = _too_large(content) if self.config.dashscope else None
         if refused is not None:
             return CallOutcome(None, refused, 0, None, None)
         tries = _Tries(tokens)

@@ -12,7 +12,7 @@ import signal
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -47,7 +47,7 @@ from batchgen.logs import event
 from batchgen.pricing import PriceTable, load_prices, region_of
 from batchgen.progress import JsonProgress, Progress, duration, summary_line
 from batchgen.prompts import PromptSpec, build_messages, check_columns
-from batchgen.protocol import route_for_model
+from batchgen.protocol import COMPATIBLE_PREFIX, NATIVE_PREFIX, route_for_model
 from batchgen.runner import RunControl, RunResult, arun_batches, check_collisions, exit_code
 from batchgen.tables import Source, TableWriter, check_writable, format_of, open_source
 
@@ -58,7 +58,8 @@ SIMULATE_LATENCY = 0.2
 SIMULATE_JITTER = 0.1
 
 
-def _generation_parameters(options: Mapping[str, Any]) -> dict[str, Any]:
+def _generation_parameters(options: Mapping[str, Any],
+                           schema: Mapping[str, Any] | None) -> dict[str, Any]:
     """Only what the user set, under DashScope's names; ``--param`` fills in the rest."""
     params = options["params"]
     parameters = dict(params) if isinstance(params, Mapping) else parse_param_options(params)
@@ -73,7 +74,6 @@ def _generation_parameters(options: Mapping[str, Any]) -> dict[str, Any]:
             if key in parameters:
                 raise UsageError(f"{key} is set both by its own option and by --param; keep one")
             parameters[key] = value
-    schema = _schema(options)
     fmt = response_format(options["model"], parameters, json_mode=bool(options["json"]),
                           schema=schema, name=Path(options["json_schema"]).stem
                           if options["json_schema"] else "reply",
@@ -86,8 +86,6 @@ def _generation_parameters(options: Mapping[str, Any]) -> dict[str, Any]:
     return parameters
 
 
-def _schema(options: Mapping[str, Any]) -> dict[str, Any] | None:
-    return load_schema(Path(options["json_schema"])) if options["json_schema"] else None
 
 
 def _check_id_column(source: Source, column: str | None) -> None:
@@ -115,6 +113,7 @@ class Prepared:
     parameters: dict[str, Any]
     output_format: str
     options: dict[str, Any] = field(repr=False)
+    schema: dict[str, Any] | None = field(default=None, repr=False)  # --json-schema, read once
 
 
 def _prepare(options: dict[str, Any]) -> Prepared:
@@ -128,7 +127,8 @@ def _prepare(options: dict[str, Any]) -> Prepared:
                       messages_column=options["messages_column"],
                       image_columns=tuple(dict.fromkeys(options["image_columns"])),
                       image_root=input_path.resolve().parent)
-    parameters = _generation_parameters(options)
+    schema = load_schema(Path(options["json_schema"])) if options["json_schema"] else None
+    parameters = _generation_parameters(options, schema)
     _check_route(options, spec)
     source = open_source(input_path, options["input_format"], limit=options["limit"],
                          messages_column=spec.messages_column)
@@ -139,17 +139,18 @@ def _prepare(options: dict[str, Any]) -> Prepared:
         raise UsageError(no_key_message(options["api"], dashscope=_to_dashscope(options)))
     # Template errors that only a row can show (a format spec a value cannot take) show now.
     sample = build_messages(spec, source.head(100))
-    _check_json_word(parameters, sample)
-    return Prepared(source, spec, parameters, output_format, options)
+    if _to_dashscope(options):  # DashScope's rule; other servers decide for themselves
+        _check_json_word(parameters, sample)
+    return Prepared(source, spec, parameters, output_format, options, schema)
 
 
 def _check_route(options: Mapping[str, Any], spec: PromptSpec) -> None:
     """Images go only to the multimodal route; the OpenAI API has one route for all."""
-    if options["api"] == "openai":
-        if options["endpoint"]:
-            raise UsageError("--endpoint chooses a route of the native API; the OpenAI-compatible "
-                             "API (--api openai) has one: drop --endpoint")
-        return
+    if options["api"] == "openai" and options["endpoint"]:
+        raise UsageError("--endpoint chooses a route of the native API; the OpenAI-compatible "
+                         "API (--api openai) has one: drop --endpoint")
+    if not _to_dashscope(options):
+        return  # another server: its models are its own business
     route = options["endpoint"] or route_for_model(options["model"])
     if spec.image_columns and route == "text":
         raise UsageError(f"{options['model']} is a text model and reads no images: pick a "
@@ -174,7 +175,8 @@ def _check_json_word(parameters: Mapping[str, Any], sample: list[Any]) -> None:
 def _config(prepared: Prepared, base_url: str, key: str) -> RunConfig:
     o = prepared.options
     return RunConfig(api_key=key, base_url=base_url, model=o["model"], api=o["api"],
-                     route=o["endpoint"], stream=o["stream"], json_schema=_schema(o),
+                     route=o["endpoint"], stream=o["stream"], json_schema=prepared.schema,
+                     dashscope=_to_dashscope(o),
                      workspace=(o["workspace"] or None) if _to_dashscope(o) else None,
                      parameters=prepared.parameters,
                      concurrency=o["concurrency"], rpm=o["rpm"], tpm=o["tpm"],
@@ -222,10 +224,10 @@ def validate_command(**options: Any) -> int:
     """``batchgen validate``: every check ``run`` makes before sending, and nothing more."""
     prepared = _prepare(options)
     config = _check_config(prepared)
-    base_url = (config.url.replace("http://checked.invalid", "http://127.0.0.1:<free port>"
-                                   + ("/compatible-mode/v1" if config.api == "openai" else "/api/v1"))
-                if options["simulate"] else config.url.replace("http://checked.invalid",
-                                                               _base_url(options).rstrip("/")))
+    where = ("http://127.0.0.1:<free port>" + (COMPATIBLE_PREFIX if config.api == "openai"
+                                               else NATIVE_PREFIX)
+             if options["simulate"] else _base_url(options))
+    base_url = replace(config, base_url=where).url
     stream = " streamed" if config.effective_stream else ""
     _budget(options, _prices(options), prepared.parameters)
     output: Path = options["output_path"]

@@ -26,8 +26,6 @@ from batchgen.protocol import (
     load_body,
 )
 
-CHAT_PATH = "/chat/completions"
-
 # Native-only parameters that have no meaning here.
 _NATIVE_ONLY = frozenset({"result_format", "incremental_output"})
 

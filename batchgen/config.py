@@ -15,6 +15,7 @@ from typing import Any
 
 from batchgen.errors import UsageError
 from batchgen.protocol import (
+    CHAT_PATH,
     COMPATIBLE_PREFIX,
     NATIVE_PREFIX,
     REGION_ALIASES,
@@ -54,6 +55,7 @@ class RunConfig:
     route: Route | None = None  # None: chosen from the model name (native API only)
     stream: bool | None = None  # None: streamed only where the model or mode requires it
     json_schema: Mapping[str, Any] | None = field(default=None, repr=False)  # checks replies
+    dashscope: bool = True  # the server is DashScope: its body limits and JSON-mode rule apply
     workspace: str | None = None
     parameters: Mapping[str, Any] = field(default_factory=dict)
     concurrency: int = DEFAULT_CONCURRENCY
@@ -105,7 +107,7 @@ class RunConfig:
     def url(self) -> str:
         """Where every request of the run goes."""
         if self.api == "openai":
-            return self.base_url + "/chat/completions"
+            return self.base_url + CHAT_PATH
         return self.base_url + ROUTE_PATHS[self.effective_route]
 
 
@@ -122,8 +124,12 @@ def dashscope_endpoint(base_url: str | None, api: str,
         return True
     if base_url is None and not environ.get(ENV_OPENAI_BASE_URL):
         return True
-    url = base_url or environ[ENV_OPENAI_BASE_URL]
-    host = url.split("//", 1)[-1].split("/", 1)[0].split(":", 1)[0].lower()
+    import httpx
+
+    try:  # the parser that will send the request decides where it goes
+        host = httpx.URL(base_url or environ[ENV_OPENAI_BASE_URL]).host.lower()
+    except httpx.InvalidURL:
+        return False
     return host.endswith(".aliyuncs.com")
 
 

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.prompts import RowProblem
-from batchgen.protocol import MAX_BODY_BASE64
+from batchgen.protocol import MAX_BODY_BASE64, TOO_LARGE
 
 IMAGE_NOT_FOUND = "batchgen.ImageNotFound"
 BAD_IMAGE = "batchgen.InvalidImage"
-TOO_LARGE = "batchgen.TooLarge"
 
 # What DashScope's VL models read (its documented image formats).
 MIME_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
@@ -79,6 +78,38 @@ def resolve(ref: str, root: Path) -> str | RowProblem:
         return RowProblem(IMAGE_NOT_FOUND, f"image file {path} does not exist (relative paths "
                                            "are read from the input table's folder)")
     return f"{path.resolve().as_uri()}#{stat.st_size}-{stat.st_mtime_ns}"
+
+
+class _Refused(Exception):
+    def __init__(self, problem: RowProblem) -> None:
+        self.problem = problem
+
+
+def _checked(ref: str, root: Path) -> str:
+    resolved = resolve(ref, root)
+    if isinstance(resolved, RowProblem):
+        raise _Refused(resolved)
+    return resolved
+
+
+def local_parts(messages: list[dict[str, Any]], root: Path) -> list[dict[str, Any]] | RowProblem:
+    """``file:`` images inside messages (a messages column), resolved like a column's cells."""
+    def part(p: Any) -> Any:
+        if not isinstance(p, dict):
+            return p
+        image = p.get("image")
+        if isinstance(image, str) and image.lower().startswith("file:"):
+            return {**p, "image": _checked(image, root)}
+        url = p.get("image_url")
+        if isinstance(url, dict) and str(url.get("url", "")).lower().startswith("file:"):
+            return {**p, "image_url": {**url, "url": _checked(url["url"], root)}}
+        return p
+
+    try:
+        return [{**m, "content": [part(p) for p in m["content"]]}
+                if isinstance(m.get("content"), list) else m for m in messages]
+    except _Refused as refused:
+        return refused.problem
 
 
 def row_images(cells: list[Any], root: Path) -> list[str] | RowProblem:

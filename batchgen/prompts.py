@@ -45,6 +45,11 @@ class PromptSpec:
         if self.system is not None and self.system_column:
             raise UsageError("--system and --system-column both set the system prompt: keep one")
 
+    @property
+    def may_have_images(self) -> bool:
+        """Whether rows can carry local image files (what runs without images skip)."""
+        return bool(self.image_columns or self.messages_column)
+
     def template_fields(self) -> list[str]:
         if self.template is None:
             return []
@@ -157,11 +162,15 @@ def build_messages(spec: PromptSpec, frame: pl.DataFrame,
     reading into a typed column would change them (JSONL: see ``tables.Source.batches``).
     """
     out = _build_messages(spec, frame, raw_messages)
-    if not spec.image_columns:
+    if not spec.may_have_images:
         return out
-    from batchgen.images import attach, row_images
+    from batchgen.images import attach, local_parts, row_images
 
     root = spec.image_root or Path.cwd()
+    if spec.messages_column:  # file: images written in the messages: checked like a column's
+        out = [local_parts(m, root) if not isinstance(m, RowProblem) else m for m in out]
+    if not spec.image_columns:
+        return out
     cells = [frame.get_column(c).to_list() for c in spec.image_columns]
     for i, messages in enumerate(out):
         if isinstance(messages, RowProblem):

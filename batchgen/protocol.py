@@ -25,8 +25,10 @@ ROUTE_PATHS: dict[str, str] = {
 # DashScope's gateway refuses bodies over 16 MiB, or 64 MiB when they carry base64 images.
 MAX_BODY = 16 * 1024 * 1024
 MAX_BODY_BASE64 = 64 * 1024 * 1024
+TOO_LARGE = "batchgen.TooLarge"
 
 COMPATIBLE_PREFIX = "/compatible-mode/v1"  # the OpenAI-compatible API on the same hosts
+CHAT_PATH = "/chat/completions"  # under an OpenAI-compatible base URL
 NATIVE_PREFIX = "/api/v1"
 
 REGION_BASE_URLS: dict[str, str] = {
@@ -328,12 +330,19 @@ class StreamAssembler:
         return self._finish is not None
 
     def cut(self, why: str) -> APIError:
-        """The stream ended early: retry, and keep what its last usage says was billed."""
-        tokens = (self._usage.get("input_tokens"), self._usage.get("output_tokens"))
-        billed = (tokens[0] or 0, tokens[1] or 0) if any(tokens) else None
+        """The stream ended early: sent again (``Caller`` adds what it was billed)."""
         return APIError(200, "batchgen.StreamCut",
                         f"{why} after {self.chunks} chunk{'s' if self.chunks != 1 else ''}",
-                        self.request_id, Disposition.RETRY, billed=billed)
+                        self.request_id, Disposition.RETRY)
+
+    def billed(self) -> tuple[int, int] | None:
+        """(input, output) tokens as the last usage seen says, for a stream that broke off.
+
+        DashScope's native chunks carry the usage so far; an OpenAI stream gives it only at the
+        end, so a broken one's cost is not known (None).
+        """
+        tokens = (self._usage.get("input_tokens"), self._usage.get("output_tokens"))
+        return (tokens[0] or 0, tokens[1] or 0) if any(tokens) else None
 
     def result(self) -> Reply | APIError:
         if not self.finished:
@@ -386,6 +395,10 @@ class NativeStream(StreamAssembler):
         return None
 
 
+_STREAM_HINT = ("this model or mode answers only streamed calls: drop --no-stream (batchgen "
+                "streams such models and every thinking request by itself), or turn thinking "
+                "off with --disable-thinking where the model allows it")
+
 # One line per fatal cause: what happened and what the user can do about it.
 _FATAL_HINTS: tuple[tuple[str, str], ...] = (
     ("batchgen.Unreachable", "the service cannot be reached: check --base-url / --region, the "
@@ -403,10 +416,8 @@ _FATAL_HINTS: tuple[tuple[str, str], ...] = (
                      "--workspace / DASHSCOPE_WORKSPACE_ID, or buy access in the console"),
     ("url error", "the model is not served on this route: qwen3.5+/VL/omni models need "
                   "--endpoint multimodal, text models --endpoint text"),
-    ("non-streaming calls", "this model or mode answers only streamed calls: drop --no-stream "
-                            "(batchgen streams such models by itself) or pass --disable-thinking"),
-    ("only support stream", "this model or mode answers only streamed calls: drop --no-stream "
-                            "(batchgen streams such models by itself) or pass --disable-thinking"),
+    ("non-streaming calls", _STREAM_HINT),
+    ("only support stream", _STREAM_HINT),
     ("model not exist", "no such model in this region: check -m/--model and --region"),
     ("Model.NotExist", "no such model in this region: check -m/--model and --region"),
     ("model_not_found", "no such model on this server: check -m/--model"),

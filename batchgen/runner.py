@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from batchgen import compat
-from batchgen.budget import IMAGE_TOKENS_TYPICAL, Budget, count_input_tokens, row_cost
+from batchgen.budget import IMAGE_TOKENS_TYPICAL, Budget, count_input_tokens, row_cost, thinks
 from batchgen.client import Caller, CallOutcome, make_transport
 from batchgen.config import RunConfig
 from batchgen.errors import FatalAPIError, UsageError
@@ -220,7 +220,9 @@ def messages_of(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 def row_digest(body: dict[str, Any], endpoint: str, spec: PromptSpec) -> str:
     """The journal's hash of a row's request (local images by their path under the table)."""
-    return request_hash(portable(body, spec.image_root), endpoint)
+    if spec.may_have_images:
+        body = portable(body, spec.image_root)
+    return request_hash(body, endpoint)
 
 
 def request_body(config: RunConfig, messages: list[dict[str, Any]]) -> dict[str, Any] | RowProblem:
@@ -231,7 +233,8 @@ def request_body(config: RunConfig, messages: list[dict[str, Any]]) -> dict[str,
     same row are the same request.
     """
     fmt = config.parameters.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_object" and not mentions_json(messages):
+    if config.dashscope and isinstance(fmt, dict) and fmt.get("type") == "json_object" \
+            and not mentions_json(messages):
         return json_word_problem()
     if config.api == "openai":
         return compat.build_body(config.model, messages, config.parameters)
@@ -274,7 +277,7 @@ def _result_of(outcome: CallOutcome, model: str,
                      latency_ms=outcome.latency_ms, finished_at=_now()), final
 
 
-def _bill_cut_streams(outcome: CallOutcome, stats: RunStats, price: Any,
+def _bill_cut_streams(outcome: CallOutcome, stats: RunStats, price: Any, outcome_model: str,
                       parameters: dict[str, Any] | Any) -> Decimal:
     """Streams cut midway are billed for what they generated: count it as spent, not lost."""
     billed_in, billed_out = outcome.billed
@@ -287,7 +290,7 @@ def _bill_cut_streams(outcome: CallOutcome, stats: RunStats, price: Any,
     if price is None:
         return Decimal(0)
     cost = price.cost(input_tokens=billed_in, output_tokens=billed_out,
-                      thinking=parameters.get("enable_thinking") is True)
+                      thinking=thinks(outcome_model, parameters) is True)
     stats.spent += cost
     return cost
 
@@ -475,7 +478,7 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
                 tokens = (count_input_tokens(config.model, messages_of(body), IMAGE_TOKENS_TYPICAL)
                           + governor.output_estimate(max_tokens, DEFAULT_OUTPUT_ESTIMATE))
             try:
-                if has_local(body):  # read the row's image files only now, off the loop
+                if spec.may_have_images and has_local(body):  # read image files only now
                     body = await asyncio.to_thread(materialize, body)
             except OSError as exc:
                 outcome = CallOutcome(None, APIError(
@@ -500,7 +503,8 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
             if fatal:
                 caller.interrupt()
             result, final = _result_of(outcome, config.model, check_json)
-            wasted = _bill_cut_streams(outcome, stats, model_price, config.parameters)
+            wasted = _bill_cut_streams(outcome, stats, model_price, config.model,
+                                       config.parameters)
             if result.status != SKIPPED and journal is not None:
                 journal.record(key, digest, final, result)
             cost = finish(batch, i, result)

@@ -653,6 +653,22 @@ def only_streamed(model: str, parameters: dict) -> bool:
     return bool(_OPEN_HYBRID_RE.match(model)) and _thinks(model, parameters.get("enable_thinking"))
 
 
+def _plain(message: Any) -> Any:
+    """A message whose parts are all text, with its content as one string.
+
+    The multimodal route wraps text in ``[{"text": ...}]`` and the text route and OpenAI route
+    need not, so the reply's seed must not see the difference.
+    """
+    if not isinstance(message, dict):
+        return message
+    content = message.get("content")
+    if isinstance(content, list) and content and all(
+        isinstance(p, dict) and set(p) == {"text"} and isinstance(p["text"], str) for p in content
+    ):
+        return {**message, "content": "".join(p["text"] for p in content)}
+    return message
+
+
 def simulated_reply(
     model: str,
     messages: list[dict],
@@ -684,7 +700,11 @@ def simulated_reply(
     ``{"image": url}`` parts), so one conversation gets one reply on every route.
     """
     canonical = json.dumps(
-        [model, messages], sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str
+        [model, [_plain(m) for m in messages]],
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+        default=str,
     )
     digest = hashlib.sha256(canonical.encode("utf-8")).digest()
 

@@ -404,3 +404,32 @@ def test_an_image_file_of_another_type_in_a_messages_column_fails_only_its_row(s
     frame = pl.read_csv(out)
     assert frame["status"].to_list() == ["error", "ok"]
     assert frame["error_code"][0] == "batchgen.InvalidImage"
+
+
+def test_dashscope_rules_apply_to_dashscope_only(simulator, tmp_path):
+    from click.testing import CliRunner
+
+    from batchgen.cli import cli
+
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["hello"], photo=["https://example.com/a.png"])
+    # DashScope's compatible mode: a text model reads no images, JSON mode needs "json".
+    for extra in (["--image-column", "photo"], ["--json"]):
+        result = run(sim, source, tmp_path / "o.csv", "--api", "openai", *extra)
+        assert result.exit_code == 2, result.stderr
+    assert sim.stats.requests == 0
+    # Another server decides for itself: the rows are sent.
+    other = sim.base_url.replace("/api/v1", "/compatible-mode/v1")
+    result = CliRunner().invoke(cli, ["run", str(source), "-o", str(tmp_path / "p.csv"), "--api",
+                                      "openai", "--base-url", other, "--json"],
+                                env={"OPENAI_API_KEY": KEY})
+    assert result.exit_code == 3 and sim.stats.requests == 1  # the simulator, like DashScope, refuses
+
+
+def test_a_text_only_row_gets_the_same_reply_on_every_route(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", PROMPTS[:3])
+    native, openai = tmp_path / "n.csv", tmp_path / "o.csv"
+    assert run(sim, source, native, "-m", "qwen3-vl-plus").exit_code == 0
+    assert run(sim, source, openai, "-m", "qwen3-vl-plus", "--api", "openai").exit_code == 0
+    assert pl.read_csv(native)["reply"].to_list() == pl.read_csv(openai)["reply"].to_list()

@@ -338,9 +338,12 @@ def test_a_vllm_error_inside_a_stream_with_a_numeric_code_is_retried():
                                                                   Disposition.RETRY)
 
 
-def test_a_cut_stream_keeps_what_it_was_billed():
-    error = assemble(RECORDED + chunk(2, " more", "null", 7))
-    assert isinstance(error, APIError) and error.billed == (8, 7)
+def test_a_cut_stream_knows_what_it_was_billed():
+    decoder, stream = SSEDecoder(), NativeStream(None)
+    for event in decoder.feed(RECORDED + chunk(2, " more", "null", 7)):
+        stream.add(event)
+    assert stream.billed() == (8, 7)
+    assert NativeStream(None).billed() is None
 
 
 def test_openai_stream_error_event():
@@ -421,13 +424,14 @@ def test_the_journal_hash_of_local_images_survives_moving_the_project(tmp_path):
         os.utime(root / "a.png", ns=(10**18, 10**18))
         messages = attach([{"role": "user", "content": "what?"}], row_images(["a.png"], root))
         body = build_body("qwen-vl-max", messages, {}, "multimodal")
-        digests.append(row_digest(body, "e", PromptSpec(image_root=root)))
+        digests.append(row_digest(body, "e", PromptSpec(image_columns=("photo",), image_root=root)))
     assert digests[0] == digests[1]
     (tmp_path / "two" / "a.png").write_bytes(PNG + b"x")  # a changed file is a new request
     messages = attach([{"role": "user", "content": "what?"}],
                       row_images(["a.png"], tmp_path / "two"))
     body = build_body("qwen-vl-max", messages, {}, "multimodal")
-    assert row_digest(body, "e", PromptSpec(image_root=tmp_path / "two")) != digests[1]
+    spec = PromptSpec(image_columns=("photo",), image_root=tmp_path / "two")
+    assert row_digest(body, "e", spec) != digests[1]
 
 
 def test_a_messages_column_file_of_another_type_is_that_rows_error(tmp_path):
@@ -610,6 +614,28 @@ def test_timeout_bounds_the_silence_of_a_stream_not_its_length():
                            timeout=0.3, attempts=1)
     assert outcome.error is not None and outcome.error.code == "batchgen.Timeout"
     assert "nothing more of the stream" in outcome.error.message
+    assert outcome.billed == (8, 1)  # what the silent stream had generated is still billed
+
+
+def test_an_error_event_after_some_output_reports_what_was_billed():
+    import httpx
+
+    body = (RECORDED + chunk(2, " two", "null", 4) + b'id:3\nevent:error\n:HTTP_STATUS/400\n'
+            b'data:{"code":"DataInspectionFailed","message":"Output data may contain '
+            b'inappropriate content.","request_id":"r"}\n\n')
+    outcome, sent = call_with(lambda: httpx.Response(200, headers=SSE_HEADERS, content=body))
+    assert outcome.error is not None and outcome.error.code == "DataInspectionFailed"
+    assert outcome.billed == (8, 4) and len(sent) == 1
+
+
+def test_an_empty_sse_error_keeps_the_response_headers():
+    import httpx
+
+    outcome, _ = call_with(lambda: httpx.Response(
+        429, headers={**SSE_HEADERS, "retry-after": "0"}, content=b""), attempts=1)
+    assert outcome.error is not None
+    assert (outcome.error.http_status, outcome.error.request_id) == (429, "rid")
+    assert outcome.error.retry_after == 0.0
 
 
 def test_an_error_sent_as_sse_under_its_own_status_keeps_its_code():
@@ -639,3 +665,31 @@ def test_cut_streams_report_what_they_were_billed():
                                                      content=RECORDED), attempts=2)
     assert outcome.error is not None and outcome.error.code == "batchgen.StreamCut"
     assert outcome.billed == (16, 2) and len(sent) == 2
+
+
+def test_only_the_url_parser_decides_whether_the_host_is_dashscope():
+    from batchgen.config import dashscope_endpoint
+
+    assert dashscope_endpoint("https://dashscope-intl.aliyuncs.com/compatible-mode/v1", "openai")
+    assert dashscope_endpoint(None, "openai", {})  # the region's URL
+    assert not dashscope_endpoint("http://localhost:8000/v1", "openai")
+    for sneaky in ("http://evil.example#.aliyuncs.com", "http://evil.example/?x=.aliyuncs.com",
+                   "http://evil.example:80/.aliyuncs.com"):
+        assert not dashscope_endpoint(sneaky, "openai")
+    assert not dashscope_endpoint(None, "openai", {"OPENAI_BASE_URL": "http://x/v1"})
+
+
+def test_file_images_in_a_messages_column_resolve_from_the_table(tmp_path):
+    from batchgen.images import local_parts
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(PNG)
+    messages = [{"role": "user", "content": [{"image": "file:img/a.png"}, {"text": "?"}]},
+                {"role": "user", "content": [{"type": "image_url",
+                                              "image_url": {"url": "file://img/a.png"}}]}]
+    resolved = local_parts(messages, tmp_path)
+    assert isinstance(resolved, list)
+    assert resolved[0]["content"][0]["image"] == resolved[1]["content"][0]["image_url"]["url"]
+    assert resolved[0]["content"][0]["image"].startswith((tmp_path / "img" / "a.png").as_uri() + "#")
+    missing = local_parts([{"role": "user", "content": [{"image": "file:nope.png"}]}], tmp_path)
+    assert isinstance(missing, RowProblem) and missing.code == "batchgen.ImageNotFound"
