@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from batchgen.errors import UsageError
@@ -93,9 +94,9 @@ class RunConfig:
         object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
         object.__setattr__(self, "parameters", validate_parameters(self.parameters))
 
-    @property
+    @cached_property
     def effective_route(self) -> Route:
-        return self.route or route_for_model(self.model)
+        return self.route or route_for_model(self.model)  # asked for every row: computed once
 
     @property
     def effective_stream(self) -> bool:
