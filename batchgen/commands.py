@@ -86,8 +86,6 @@ def _generation_parameters(options: Mapping[str, Any],
     return parameters
 
 
-
-
 def _check_id_column(source: Source, column: str | None) -> None:
     """The journal keys rows by --id-column: it must exist, be complete and be unique."""
     if column is None:
