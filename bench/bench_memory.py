@@ -23,7 +23,7 @@ from pathlib import Path
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_throughput import KEY, start_simulator
+from bench_throughput import KEY, running_simulator
 
 
 def high_water_mb(pid: int) -> float | None:
@@ -59,8 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     args = parser.parse_args()
-    process, base_url = start_simulator(0.0)
-    try:
+    with running_simulator(0.0) as base_url:
         print(f"batchgen memory bench: simulator latency 0, -c 64, {os.cpu_count()} cores")
         print(f"{'rows':>10} {'peak RSS MB':>12} {'wall s':>8} {'rows/s':>8}")
         peaks = {}
@@ -81,9 +80,6 @@ def main() -> None:
             small, large = min(peaks), max(peaks)
             print(f"peak at {large:,} rows / peak at {small:,} rows = "
                   f"{peaks[large] / peaks[small]:.2f}")
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_throughput import KEY, start_simulator
+from bench_throughput import KEY, running_simulator
 
 PROMPT = "Give a short, plain answer to question number {i}."
 
@@ -99,8 +99,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--latency", type=float, default=0.2)
     args = parser.parse_args()
-    process, base_url = start_simulator(args.latency)
-    try:
+    with running_simulator(args.latency) as base_url:
         import dashscope
 
         print(f"batchgen vs dashscope {dashscope.__version__} AioGeneration + Semaphore: "
@@ -115,9 +114,6 @@ def main() -> None:
         b, s = results["batchgen"], results["sdk"]
         print(f"{'ratio b/s':<10} {b['wall'] / s['wall']:>8.2f} {b['cpu'] / s['cpu']:>11.2f} "
               f"{b['rss'] / s['rss']:>12.2f}")
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 
 import polars as pl
 
@@ -40,7 +42,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_simulator(latency: float) -> tuple[subprocess.Popen[bytes], str]:
+@contextlib.contextmanager
+def running_simulator(latency: float) -> Iterator[str]:
+    """``batchgen simulate`` in its own process, so CPU measured here is the client's; its base URL."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "batchgen.cli", "simulate", "--port", str(port), "--key", KEY,
@@ -51,11 +55,17 @@ def start_simulator(latency: float) -> tuple[subprocess.Popen[bytes], str]:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=0.5)
         except urllib.error.HTTPError:
-            return process, base  # any HTTP answer (404 here) means it is listening
+            break  # any HTTP answer (404 here) means it is listening
         except OSError:
             time.sleep(0.1)
-    process.kill()
-    raise SystemExit("the simulator did not start")
+    else:
+        process.kill()
+        raise SystemExit("the simulator did not start")
+    try:
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 async def one_run(base_url: str, rows: int, concurrency: int, backend: str, *,
@@ -84,8 +94,7 @@ def main() -> None:
     parser.add_argument("--api", choices=["dashscope", "openai"], default="dashscope")
     args = parser.parse_args()
 
-    process, base_url = start_simulator(args.latency)
-    try:
+    with running_simulator(args.latency) as base_url:
         print(f"batchgen bench: simulator latency {args.latency:g} s, backend {args.backend}, "
               f"api {args.api}{', streamed' if args.stream else ''}, "
               f"{os.cpu_count()} cores, Python {sys.version.split()[0]}")
@@ -99,9 +108,6 @@ def main() -> None:
             ideal = rows * args.latency / concurrency
             print(f"{concurrency:>11} {rows:>6} {wall:>7.2f} {ideal:>7.2f} {wall / ideal:>10.3f} "
                   f"{cpu * 1000 / rows:>10.3f}", flush=True)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 if __name__ == "__main__":
