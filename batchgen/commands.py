@@ -42,11 +42,11 @@ from batchgen.config import (
 )
 from batchgen.errors import BatchgenError, UsageError
 from batchgen.journal import Journal, LockedError, journal_path, row_keys
-from batchgen.jsonmode import load_schema, response_format
+from batchgen.jsonmode import load_schema, mentions_json, response_format
 from batchgen.logs import event
 from batchgen.pricing import PriceTable, load_prices, region_of
 from batchgen.progress import JsonProgress, Progress, duration, summary_line
-from batchgen.prompts import PromptSpec, build_messages, check_columns
+from batchgen.prompts import PromptSpec, RowProblem, build_messages, check_columns
 from batchgen.protocol import COMPATIBLE_PREFIX, NATIVE_PREFIX, route_for_model
 from batchgen.runner import RunControl, RunResult, arun_batches, check_collisions, exit_code
 from batchgen.tables import Source, TableWriter, check_writable, format_of, open_source
@@ -157,9 +157,6 @@ def _check_route(options: Mapping[str, Any], spec: PromptSpec) -> None:
 
 def _check_json_word(parameters: Mapping[str, Any], sample: list[Any]) -> None:
     """JSON mode with no "json" in any of the first rows: the prompt needs it, not every row."""
-    from batchgen.jsonmode import mentions_json
-    from batchgen.prompts import RowProblem
-
     fmt = parameters.get("response_format")
     if not (isinstance(fmt, dict) and fmt.get("type") == "json_object"):
         return
@@ -495,7 +492,6 @@ def cost_command(*, files: list[str], by: str, fmt: str, prices_path: str | None
 
 def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
     """``run --dry-run``: what the run would send, cost and take; nothing is sent or written."""
-    from batchgen.prompts import RowProblem
     from batchgen.runner import messages_of, request_body, row_digest
 
     o = prepared.options
