@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from functools import cache
 from typing import Any
@@ -49,8 +49,7 @@ def _texts(content: Any) -> list[str]:
     return []
 
 
-def count_input_tokens(model: str, messages: list[Mapping[str, Any]],
-                       image_tokens: int = 0) -> int:
+def count_input_tokens(model: str, messages: Sequence[Mapping[str, Any]], image_tokens: int = 0) -> int:
     """The request's input tokens as Qwen's tokenizer counts them, chat template included.
 
     Each image part counts ``image_tokens`` (its true cost is known only to the server).
@@ -62,10 +61,15 @@ def count_input_tokens(model: str, messages: list[Mapping[str, Any]],
     return total + image_tokens * count_images(messages)
 
 
-def count_images(messages: list[Mapping[str, Any]]) -> int:
+def count_images(messages: Sequence[Mapping[str, Any]]) -> int:
     """Image parts in the messages, native (``image``) or OpenAI (``image_url``) style."""
-    return sum(1 for m in messages if isinstance(m.get("content"), list)
-               for p in m["content"] if isinstance(p, dict) and ("image" in p or "image_url" in p))
+    return sum(
+        1
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for p in m["content"]
+        if isinstance(p, dict) and ("image" in p or "image_url" in p)
+    )
 
 
 def thinks(model: str, parameters: Mapping[str, Any]) -> bool | None:
@@ -83,15 +87,18 @@ def row_cost(price: ModelPrice | None, result: Any, cached_ratio: Decimal) -> De
         return Decimal(0)
     if price is None:
         return None
-    return price.cost(input_tokens=result.input_tokens or 0,
-                      output_tokens=result.output_tokens or 0,
-                      cached_tokens=result.cached_tokens or 0,
-                      thinking=bool(result.reasoning_tokens or result.reasoning),
-                      cached_ratio=cached_ratio)
+    return price.cost(
+        input_tokens=result.input_tokens or 0,
+        output_tokens=result.output_tokens or 0,
+        cached_tokens=result.cached_tokens or 0,
+        thinking=bool(result.reasoning_tokens or result.reasoning),
+        cached_ratio=cached_ratio,
+    )
 
 
-def worst_output_tokens(price: ModelPrice, max_tokens: int | None, thinking: bool | None,
-                        thinking_budget: int | None) -> int:
+def worst_output_tokens(
+    price: ModelPrice, max_tokens: int | None, thinking: bool | None, thinking_budget: int | None
+) -> int:
     """The most output tokens one request can bill. ``max_tokens`` caps the answer only:
     reasoning comes on top, up to ``thinking_budget`` (else the model's longest output)."""
     longest = price.max_output_tokens or 32_768
@@ -104,9 +111,16 @@ def worst_output_tokens(price: ModelPrice, max_tokens: int | None, thinking: boo
 class Budget:
     """``--max-cost``: spent plus the worst case of everything in flight stays under ``limit``."""
 
-    def __init__(self, limit: Decimal, price: ModelPrice, prices: PriceTable, *,
-                 max_tokens: int | None, thinking: bool | None,
-                 thinking_budget: int | None = None) -> None:
+    def __init__(
+        self,
+        limit: Decimal,
+        price: ModelPrice,
+        prices: PriceTable,
+        *,
+        max_tokens: int | None,
+        thinking: bool | None,
+        thinking_budget: int | None = None,
+    ) -> None:
         self.limit = limit
         self.price = price
         self.prices = prices
@@ -117,11 +131,11 @@ class Budget:
         self.reserved = Decimal(0)
         self._settled = asyncio.Condition()
 
-    def worst_case(self, model: str, messages: list[Mapping[str, Any]]) -> Decimal:
-        input_tokens = math.ceil(count_input_tokens(model, messages, IMAGE_TOKENS_MAX)
-                                 * INPUT_MARGIN)
-        return self.price.cost(input_tokens=input_tokens, output_tokens=self.max_output,
-                               thinking=self.thinking)
+    def worst_case(self, model: str, messages: Sequence[Mapping[str, Any]]) -> Decimal:
+        input_tokens = math.ceil(count_input_tokens(model, messages, IMAGE_TOKENS_MAX) * INPUT_MARGIN)
+        return self.price.cost(
+            input_tokens=input_tokens, output_tokens=self.max_output, thinking=self.thinking
+        )
 
     def _fits(self, worst: Decimal) -> bool:
         return self.spent + self.reserved + worst <= self.limit

@@ -23,92 +23,198 @@ INPUT_FORMATS = ("csv", "parquet", "jsonl")
 def _run_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The options ``run`` and ``validate`` share: everything that describes a run."""
     options = [
-        click.argument("input_path", metavar="INPUT", required=False,
-                       type=click.Path(dir_okay=False, path_type=Path)),
-        click.option("-o", "--output", "output_path", type=click.Path(path_type=Path),
-                     help="Output table; .csv, .parquet or .jsonl picks the format.  [required]"),
-        click.option("--job", "job_path", type=click.Path(dir_okay=False, path_type=Path),
-                     help="A job file (TOML) describing the run; options given here override it."),
-        click.option("--input-format", type=click.Choice(INPUT_FORMATS),
-                      help="Read INPUT as this format whatever its extension."),
+        click.argument(
+            "input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, path_type=Path)
+        ),
+        click.option(
+            "-o",
+            "--output",
+            "output_path",
+            type=click.Path(path_type=Path),
+            help="Output table; .csv, .parquet or .jsonl picks the format.  [required]",
+        ),
+        click.option(
+            "--job",
+            "job_path",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="A job file (TOML) describing the run; options given here override it.",
+        ),
+        click.option(
+            "--input-format",
+            type=click.Choice(INPUT_FORMATS),
+            help="Read INPUT as this format whatever its extension.",
+        ),
         click.option("--prompt-column", help="Column holding the user prompt.  [default: prompt]"),
         click.option("--template", help="Build the prompt from columns, e.g. 'Summarize: {text}'."),
         click.option("--system", "system_prompt", help="System prompt for every row."),
         click.option("--system-column", help="Column holding each row's system prompt."),
-        click.option("--messages-column",
-                     help='Column holding a JSON array of {"role", "content"} messages.'),
-        click.option("--id-column",
-                     help="Column with a unique, stable row key.  [default: row number]"),
+        click.option(
+            "--messages-column", help='Column holding a JSON array of {"role", "content"} messages.'
+        ),
+        click.option("--id-column", help="Column with a unique, stable row key.  [default: row number]"),
         click.option("--limit", type=click.IntRange(min=1), help="Run only the first N rows."),
-        click.option("--image-column", "image_columns", multiple=True, metavar="COL",
-                     help="Column of image URLs or file paths (or lists of them) sent with each "
-                          "row's prompt (repeatable); needs a vision model."),
+        click.option(
+            "--image-column",
+            "image_columns",
+            multiple=True,
+            metavar="COL",
+            help="Column of image URLs or file paths (or lists of them) sent with each "
+            "row's prompt (repeatable); needs a vision model.",
+        ),
         click.option("-m", "--model", default="qwen-plus", show_default=True, help="Model name."),
-        click.option("--api", type=click.Choice(["dashscope", "openai"]), default="dashscope",
-                     show_default=True,
-                     help="DashScope's native API, or the OpenAI-compatible one (DashScope's "
-                          "compatible mode, vLLM, Ollama, llama.cpp server)."),
-        click.option("--endpoint", type=click.Choice(["text", "multimodal"]),
-                     help="Force the native API route.  [default: chosen from the model]"),
-        click.option("--stream/--no-stream", default=None,
-                     help="Send streamed (SSE) requests, or never.  [default: for models and "
-                          "modes that require it, and for thinking]"),
-        click.option("--base-url", help="API base URL.  [env: DASHSCOPE_HTTP_BASE_URL; with "
-                                        "--api openai first OPENAI_BASE_URL]"),
-        click.option("--region", type=click.Choice(["intl", "us", "cn", "hk"]),
-                     help="Region of the public endpoint.  [env: DASHSCOPE_API_REGION; "
-                          "default: intl]"),
-        click.option("--workspace", envvar="DASHSCOPE_WORKSPACE_ID", show_envvar=True,
-                     help="Workspace ID, sent as X-DashScope-WorkSpace."),
+        click.option(
+            "--api",
+            type=click.Choice(["dashscope", "openai"]),
+            default="dashscope",
+            show_default=True,
+            help="DashScope's native API, or the OpenAI-compatible one (DashScope's "
+            "compatible mode, vLLM, Ollama, llama.cpp server).",
+        ),
+        click.option(
+            "--endpoint",
+            type=click.Choice(["text", "multimodal"]),
+            help="Force the native API route.  [default: chosen from the model]",
+        ),
+        click.option(
+            "--stream/--no-stream",
+            default=None,
+            help="Send streamed (SSE) requests, or never.  [default: for models and "
+            "modes that require it, and for thinking]",
+        ),
+        click.option(
+            "--base-url",
+            help="API base URL.  [env: DASHSCOPE_HTTP_BASE_URL; with --api openai first OPENAI_BASE_URL]",
+        ),
+        click.option(
+            "--region",
+            type=click.Choice(["intl", "us", "cn", "hk"]),
+            help="Region of the public endpoint.  [env: DASHSCOPE_API_REGION; default: intl]",
+        ),
+        click.option(
+            "--workspace",
+            envvar="DASHSCOPE_WORKSPACE_ID",
+            show_envvar=True,
+            help="Workspace ID, sent as X-DashScope-WorkSpace.",
+        ),
         click.option("--temperature", type=float, help="Sampling temperature, [0, 2)."),
         click.option("--top-p", type=float, help="Nucleus sampling mass, (0, 1]."),
         click.option("--top-k", type=int, help="Sample from the k most likely tokens."),
         click.option("--max-tokens", type=int, help="Cap on output tokens per reply."),
         click.option("--seed", type=int, help="Random seed, [0, 2^31-1]."),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
-        click.option("--enable-thinking/--disable-thinking", default=None,
-                     help="Turn thinking on or off on hybrid models.  [default: send nothing]"),
+        click.option(
+            "--enable-thinking/--disable-thinking",
+            default=None,
+            help="Turn thinking on or off on hybrid models.  [default: send nothing]",
+        ),
         click.option("--thinking-budget", type=int, help="Cap on reasoning tokens."),
-        click.option("--json", "json", is_flag=True,
-                     help='Ask for JSON object replies (the prompt must say "json"); fills '
-                          "reply_json_valid."),
-        click.option("--json-schema", type=click.Path(dir_okay=False), metavar="FILE",
-                     help="Ask for replies matching this JSON Schema; fills reply_json_valid."),
-        click.option("--param", "params", multiple=True, metavar="KEY=JSON",
-                     help="Any other parameter, e.g. --param presence_penalty=0.5 (repeatable)."),
-        click.option("-c", "--concurrency", type=click.IntRange(min=1), default=16,
-                     show_default=True, help="Requests in flight at once."),
-        click.option("--rpm", type=click.FloatRange(min=0, min_open=True), default=600.0,
-                     show_default=True, help="Requests per minute, paced evenly (RPM/60 a second)."),
-        click.option("--tpm", type=click.FloatRange(min=0, min_open=True),
-                     help="Tokens per minute (input + output), paced per second.  [default: no "
-                          "token pacing]"),
-        click.option("--fixed-rate", is_flag=True,
-                     help="Hold --rpm/--tpm exactly: no ramp-up, no slowing down on 429s."),
-        click.option("--max-attempts", type=click.IntRange(min=1), default=8, show_default=True,
-                     help="Attempts per row, first one included."),
-        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0,
-                     show_default=True, help="Seconds to wait for one answer."),
-        click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
-                     help="On Ctrl-C or SIGTERM, seconds to let requests in flight finish."),
-        click.option("--retry-errors", is_flag=True,
-                     help="On resume, send rows that failed permanently last time again too."),
-        click.option("--fresh", is_flag=True,
-                     help="Ignore and replace the journal: answer every row again."),
-        click.option("--dry-run", is_flag=True,
-                     help="Count tokens and estimate cost and time; send and write nothing."),
-        click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), metavar="USD",
-                     help="Stop sending before this run could spend more than USD (exit 5)."),
-        click.option("--prices", "prices_path", type=click.Path(dir_okay=False),
-                     help="A price file merged over the built-in table.  [env: BATCHGEN_PRICES]"),
-        click.option("--simulate", is_flag=True,
-                     help="Run against the built-in simulator on a local port (no key needed)."),
-        click.option("--summary", "summary_path", type=click.Path(path_type=Path),
-                     help="Write a JSON summary of the run to this file."),
-        click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
-                     show_default=True, help="Log lines on stderr for people or as JSON objects."),
-        click.option("-q", "--quiet", is_flag=True,
-                     help="No progress and no summary line; errors still print."),
+        click.option(
+            "--json",
+            "json",
+            is_flag=True,
+            help='Ask for JSON object replies (the prompt must say "json"); fills reply_json_valid.',
+        ),
+        click.option(
+            "--json-schema",
+            type=click.Path(dir_okay=False),
+            metavar="FILE",
+            help="Ask for replies matching this JSON Schema; fills reply_json_valid.",
+        ),
+        click.option(
+            "--param",
+            "params",
+            multiple=True,
+            metavar="KEY=JSON",
+            help="Any other parameter, e.g. --param presence_penalty=0.5 (repeatable).",
+        ),
+        click.option(
+            "-c",
+            "--concurrency",
+            type=click.IntRange(min=1),
+            default=16,
+            show_default=True,
+            help="Requests in flight at once.",
+        ),
+        click.option(
+            "--rpm",
+            type=click.FloatRange(min=0, min_open=True),
+            default=600.0,
+            show_default=True,
+            help="Requests per minute, paced evenly (RPM/60 a second).",
+        ),
+        click.option(
+            "--tpm",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Tokens per minute (input + output), paced per second.  [default: no token pacing]",
+        ),
+        click.option(
+            "--fixed-rate",
+            is_flag=True,
+            help="Hold --rpm/--tpm exactly: no ramp-up, no slowing down on 429s.",
+        ),
+        click.option(
+            "--max-attempts",
+            type=click.IntRange(min=1),
+            default=8,
+            show_default=True,
+            help="Attempts per row, first one included.",
+        ),
+        click.option(
+            "--timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            default=300.0,
+            show_default=True,
+            help="Seconds to wait for one answer.",
+        ),
+        click.option(
+            "--grace",
+            type=click.FloatRange(min=0),
+            default=30.0,
+            show_default=True,
+            help="On Ctrl-C or SIGTERM, seconds to let requests in flight finish.",
+        ),
+        click.option(
+            "--retry-errors",
+            is_flag=True,
+            help="On resume, send rows that failed permanently last time again too.",
+        ),
+        click.option("--fresh", is_flag=True, help="Ignore and replace the journal: answer every row again."),
+        click.option(
+            "--dry-run", is_flag=True, help="Count tokens and estimate cost and time; send and write nothing."
+        ),
+        click.option(
+            "--max-cost",
+            type=click.FloatRange(min=0, min_open=True),
+            metavar="USD",
+            help="Stop sending before this run could spend more than USD (exit 5).",
+        ),
+        click.option(
+            "--prices",
+            "prices_path",
+            type=click.Path(dir_okay=False),
+            help="A price file merged over the built-in table.  [env: BATCHGEN_PRICES]",
+        ),
+        click.option(
+            "--simulate",
+            is_flag=True,
+            help="Run against the built-in simulator on a local port (no key needed).",
+        ),
+        click.option(
+            "--summary",
+            "summary_path",
+            type=click.Path(path_type=Path),
+            help="Write a JSON summary of the run to this file.",
+        ),
+        click.option(
+            "--log-format",
+            type=click.Choice(["text", "json"]),
+            default="text",
+            show_default=True,
+            help="Log lines on stderr for people or as JSON objects.",
+        ),
+        click.option(
+            "-q", "--quiet", is_flag=True, help="No progress and no summary line; errors still print."
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -145,13 +251,16 @@ def _merge_job(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
                     merged[name] = {**value, **dict(_split_params(options[name]))}
                 continue
             if name == "params":  # a named flag on the command line (--max-tokens) wins too
-                value = {k: v for k, v in value.items()
-                         if k not in params or ctx.get_parameter_source(k)
-                         is not ParameterSource.COMMANDLINE}
+                value = {
+                    k: v
+                    for k, v in value.items()
+                    if k not in params or ctx.get_parameter_source(k) is not ParameterSource.COMMANDLINE
+                }
             param = params[name]
             try:
-                merged[name] = (value if name == "params" or _kind(param) == "bool"
-                                else param.type_cast_value(ctx, value))
+                merged[name] = (
+                    value if name == "params" or _kind(param) == "bool" else param.type_cast_value(ctx, value)
+                )
             except click.BadParameter as exc:
                 raise UsageError(f"{job_path}: {name!r}: {exc.message}") from None
     if merged["input_path"] is None:
@@ -243,16 +352,33 @@ def validate(ctx: click.Context, **options: Any) -> None:
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
-@click.option("--by", default="model", show_default=True, metavar="KEYS",
-              help="Group by these, comma-separated: model, day, status, finish_reason, job.")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]),
-              default="table", show_default=True, help="Report format.")
-@click.option("--prices", "prices_path", type=click.Path(dir_okay=False),
-              help="A price file merged over the built-in table.  [env: BATCHGEN_PRICES]")
-@click.option("--region", type=click.Choice(["intl", "us", "cn", "hk"]),
-              help="Price region.  [default: the one the run recorded, else intl]")
-def cost(files: tuple[str, ...], by: str, fmt: str, prices_path: str | None,
-         region: str | None) -> None:
+@click.option(
+    "--by",
+    default="model",
+    show_default=True,
+    metavar="KEYS",
+    help="Group by these, comma-separated: model, day, status, finish_reason, job.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json", "markdown"]),
+    default="table",
+    show_default=True,
+    help="Report format.",
+)
+@click.option(
+    "--prices",
+    "prices_path",
+    type=click.Path(dir_okay=False),
+    help="A price file merged over the built-in table.  [env: BATCHGEN_PRICES]",
+)
+@click.option(
+    "--region",
+    type=click.Choice(["intl", "us", "cn", "hk"]),
+    help="Price region.  [default: the one the run recorded, else intl]",
+)
+def cost(files: tuple[str, ...], by: str, fmt: str, prices_path: str | None, region: str | None) -> None:
     """Report tokens and cost of batchgen output files (CSV, Parquet, JSONL; globs work).
 
     \b
@@ -266,8 +392,7 @@ def cost(files: tuple[str, ...], by: str, fmt: str, prices_path: str | None,
 
     log = setup_logging("text")
     try:
-        commands.cost_command(files=list(files), by=by, fmt=fmt, prices_path=prices_path,
-                              region=region)
+        commands.cost_command(files=list(files), by=by, fmt=fmt, prices_path=prices_path, region=region)
     except BatchgenError as err:
         log.error("%s", err)
         sys.exit(err.exit_code)
@@ -276,27 +401,59 @@ def cost(files: tuple[str, ...], by: str, fmt: str, prices_path: str | None,
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
-@click.option("--key", envvar="DASHSCOPE_API_KEY",
-              help="The one API key accepted.  [default: $DASHSCOPE_API_KEY, else a demo key]")
-@click.option("--latency", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Mean seconds per answer.")
-@click.option("--jitter", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Latency varies uniformly by this many seconds either way.")
-@click.option("--rpm", type=click.IntRange(min=1), help="Request quota per minute, enforced per "
-              "second (429 Throttling.RateQuota past it).")
-@click.option("--tpm", type=click.IntRange(min=1), help="Token quota per minute (input + output), "
-              "enforced per second (429 Throttling.AllocationQuota past it).")
+@click.option(
+    "--key",
+    envvar="DASHSCOPE_API_KEY",
+    help="The one API key accepted.  [default: $DASHSCOPE_API_KEY, else a demo key]",
+)
+@click.option(
+    "--latency", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Mean seconds per answer."
+)
+@click.option(
+    "--jitter",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Latency varies uniformly by this many seconds either way.",
+)
+@click.option(
+    "--rpm",
+    type=click.IntRange(min=1),
+    help="Request quota per minute, enforced per second (429 Throttling.RateQuota past it).",
+)
+@click.option(
+    "--tpm",
+    type=click.IntRange(min=1),
+    help="Token quota per minute (input + output), "
+    "enforced per second (429 Throttling.AllocationQuota past it).",
+)
 @click.option("--fault-429", type=click.FloatRange(0, 1), default=0.0, help="Share of 429s.")
 @click.option("--fault-500", type=click.FloatRange(0, 1), default=0.0, help="Share of 500s.")
-@click.option("--fault-drop", type=click.FloatRange(0, 1), default=0.0,
-              help="Share of connections dropped with no answer.")
-@click.option("--fault-truncate", type=click.FloatRange(0, 1), default=0.0,
-              help="Share of 200 answers cut off mid-body.")
-@click.option("--fault-hang", type=click.FloatRange(0, 1), default=0.0,
-              help="Share of requests that hang for --hang-seconds.")
+@click.option(
+    "--fault-drop",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Share of connections dropped with no answer.",
+)
+@click.option(
+    "--fault-truncate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Share of 200 answers cut off mid-body.",
+)
+@click.option(
+    "--fault-hang",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Share of requests that hang for --hang-seconds.",
+)
 @click.option("--hang-seconds", type=click.FloatRange(min=0), default=600.0, show_default=True)
-@click.option("--fault-200-error", type=click.FloatRange(0, 1), default=0.0,
-              help="Share of HTTP 200 answers carrying an error code.")
+@click.option(
+    "--fault-200-error",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Share of HTTP 200 answers carrying an error code.",
+)
 @click.option("--seed", type=int, help="Seed for faults and latency, for repeatable runs.")
 def simulate(host: str, port: int, key: str | None, **knobs: Any) -> None:
     """Serve a DashScope simulator for tests, demos and benchmarks.
@@ -313,8 +470,10 @@ def simulate(host: str, port: int, key: str | None, **knobs: Any) -> None:
     try:
         serve_forever(SimulatorConfig(key=key or DEMO_KEY, **knobs), host=host, port=port)
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on {host}:{port} ({exc.strerror or exc}): "
-                                   "pick another --port, or 0 for any free one") from None
+        raise click.ClickException(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): "
+            "pick another --port, or 0 for any free one"
+        ) from None
 
 
 def main() -> None:

@@ -53,8 +53,9 @@ class Aborted(Exception):
     """The run stopped (a fatal answer elsewhere) before this row's next attempt."""
 
 
-def backoff_seconds(attempt: int, retry_after: float | None = None,
-                    rand: Callable[[], float] = random.random) -> float:
+def backoff_seconds(
+    attempt: int, retry_after: float | None = None, rand: Callable[[], float] = random.random
+) -> float:
     """Delay before attempt ``attempt + 1``: exponential, capped, ±25 % jitter, Retry-After wins."""
     base = min(BACKOFF_MAX, BACKOFF_INITIAL * 2 ** (attempt - 1))
     delay = base * (1 + BACKOFF_JITTER * (2 * rand() - 1))
@@ -104,8 +105,7 @@ def make_transport(config: RunConfig, *, backend: str = "aiohttp") -> httpx.Asyn
     own pool grows superlinearly costly with connections (``bench/bench_throughput.py
     --backend httpx`` shows about 16 ms of CPU per request at 100 connections).
     """
-    limits = httpx.Limits(max_connections=config.concurrency,
-                          max_keepalive_connections=config.concurrency)
+    limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
     if backend == "httpx":
         return httpx.AsyncHTTPTransport(limits=limits)
     import aiohttp
@@ -114,9 +114,11 @@ def make_transport(config: RunConfig, *, backend: str = "aiohttp") -> httpx.Asyn
     def session() -> aiohttp.ClientSession:
         # SSL_CERT_FILE is honoured through httpx's SSL context. Not trust_env: aiohttp then
         # looks up proxies and .netrc in a thread for every request (2 executor jobs each).
-        connector = aiohttp.TCPConnector(limit=config.concurrency,
-                                         keepalive_timeout=limits.keepalive_expiry,
-                                         ssl=httpx.create_ssl_context(trust_env=True))
+        connector = aiohttp.TCPConnector(
+            limit=config.concurrency,
+            keepalive_timeout=limits.keepalive_expiry,
+            ssl=httpx.create_ssl_context(trust_env=True),
+        )
         return aiohttp.ClientSession(connector=connector)
 
     return AiohttpTransport(limits=limits, client=session, proxy=_env_proxy(config.base_url))
@@ -150,14 +152,22 @@ DIALECTS = {
 
 def _too_large(content: bytes) -> APIError | None:
     """A body the gateway would refuse with 413: a row error before sending, not after."""
-    limit, what = ((MAX_BODY_BASE64, "with base64 images") if b";base64," in content
-                   else (MAX_BODY, "without base64 data"))
+    limit, what = (
+        (MAX_BODY_BASE64, "with base64 images")
+        if b";base64," in content
+        else (MAX_BODY, "without base64 data")
+    )
     if len(content) <= limit:
         return None
-    return APIError(None, TOO_LARGE,
-                    f"the request is {len(content) / 2**20:.1f} MiB, over DashScope's "
-                    f"{limit // 2**20} MiB limit for a body {what}: send fewer or smaller images "
-                    "(or image URLs), or a shorter prompt", None, Disposition.ROW_ERROR)
+    return APIError(
+        None,
+        TOO_LARGE,
+        f"the request is {len(content) / 2**20:.1f} MiB, over DashScope's "
+        f"{limit // 2**20} MiB limit for a body {what}: send fewer or smaller images "
+        "(or image URLs), or a shorter prompt",
+        None,
+        Disposition.ROW_ERROR,
+    )
 
 
 class Caller:
@@ -168,17 +178,26 @@ class Caller:
     HTTP exchange itself (``bench/``). The URL and headers are built once.
     """
 
-    def __init__(self, config: RunConfig, transport: httpx.AsyncBaseTransport, *,
-                 governor: Governor,
-                 aborted: Callable[[], bool],
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        transport: httpx.AsyncBaseTransport,
+        *,
+        governor: Governor,
+        aborted: Callable[[], bool],
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.config = config
         self.transport = transport
         self.url = httpx.URL(config.url)
         self.dialect = DIALECTS[config.api]
         self.stream = config.effective_stream
-        headers = {"Authorization": f"Bearer {config.api_key}", "Content-Type": "application/json",
-                   "Accept": "application/json", "User-Agent": f"batchgen/{__version__}"}
+        headers = {
+            "Authorization": f"Bearer {config.api_key}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": f"batchgen/{__version__}",
+        }
         if self.stream:
             headers["Accept"] = "text/event-stream"
             if config.api == "dashscope":
@@ -187,8 +206,9 @@ class Caller:
             headers["X-DashScope-WorkSpace"] = config.workspace
         self.headers = httpx.Headers(headers)
         seconds = config.timeout
-        self.extensions = {"timeout": {"connect": seconds, "read": seconds, "write": seconds,
-                                       "pool": seconds}}
+        self.extensions = {
+            "timeout": {"connect": seconds, "read": seconds, "write": seconds, "pool": seconds}
+        }
         self.governor = governor
         self._aborted = aborted
         self._sleep = sleep
@@ -221,10 +241,12 @@ class Caller:
     async def _backoff(self, seconds: float) -> None:
         await self._hold(self._sleep(seconds))
 
-    async def _post(self, content: bytes, deadline: asyncio.Timeout,
-                    streams: list[StreamAssembler]) -> Reply | APIError:
-        request = httpx.Request("POST", self.url, headers=self.headers, content=content,
-                                extensions=self.extensions)
+    async def _post(
+        self, content: bytes, deadline: asyncio.Timeout, streams: list[StreamAssembler]
+    ) -> Reply | APIError:
+        request = httpx.Request(
+            "POST", self.url, headers=self.headers, content=content, extensions=self.extensions
+        )
         response = await self.transport.handle_async_request(request)
         status = response.status_code
         try:
@@ -239,9 +261,14 @@ class Caller:
             return await self._read_stream(None, status, deadline, raw, streams)
         return self.dialect.interpret(status, response.headers, raw)
 
-    async def _read_stream(self, response: httpx.Response | None, status: int,
-                           deadline: asyncio.Timeout, raw: bytes,
-                           streams: list[StreamAssembler]) -> Reply | APIError:
+    async def _read_stream(
+        self,
+        response: httpx.Response | None,
+        status: int,
+        deadline: asyncio.Timeout,
+        raw: bytes,
+        streams: list[StreamAssembler],
+    ) -> Reply | APIError:
         """Assemble a streamed answer as it arrives; an error event or a cut ends it early.
 
         ``--timeout`` bounds the silence between chunks, not the whole answer: a long thinking
@@ -277,8 +304,7 @@ class Caller:
                         return error
         except Exception as exc:  # the connection broke mid-stream: what came is not enough
             cause = exc.__cause__ or exc
-            return assembler.cut(f"the stream broke ({type(cause).__name__}: "
-                                 f"{str(cause) or 'no detail'})")
+            return assembler.cut(f"the stream broke ({type(cause).__name__}: {str(cause) or 'no detail'})")
         error = take(decoder.close())
         if error is not None:
             return error
@@ -317,8 +343,7 @@ class Caller:
             result = replace(result, billed=streams[0].billed())
         return result, elapsed
 
-    async def _timed(self, content: bytes,
-                     streams: list[StreamAssembler]) -> tuple[Reply | APIError, float]:
+    async def _timed(self, content: bytes, streams: list[StreamAssembler]) -> tuple[Reply | APIError, float]:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.config.timeout) as deadline:
@@ -326,15 +351,20 @@ class Caller:
         except TimeoutError:
             elapsed = (time.perf_counter() - started) * 1000
             silence = "nothing more of the stream" if self.stream else "no answer"
-            return APIError(None, "batchgen.Timeout",
-                            f"{silence} within --timeout {self.config.timeout:g} s", None,
-                            Disposition.RETRY), elapsed
+            return APIError(
+                None,
+                "batchgen.Timeout",
+                f"{silence} within --timeout {self.config.timeout:g} s",
+                None,
+                Disposition.RETRY,
+            ), elapsed
         except Exception as exc:  # httpx's errors, and whatever the transport lets through
             elapsed = (time.perf_counter() - started) * 1000
             cause = exc.__cause__ or exc  # httpx-aiohttp maps a refused connection to ConnectTimeout
             detail = str(cause) or type(cause).__name__
-            return APIError(None, "batchgen.ConnectionError", f"{type(cause).__name__}: {detail}",
-                            None, Disposition.RETRY), elapsed
+            return APIError(
+                None, "batchgen.ConnectionError", f"{type(cause).__name__}: {detail}", None, Disposition.RETRY
+            ), elapsed
         return result, (time.perf_counter() - started) * 1000
 
     async def _try(self, content: bytes, tries: _Tries) -> None:
@@ -350,8 +380,11 @@ class Caller:
         await self._backoff(backoff_seconds(1, first.error.retry_after))
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.config.max_attempts - 1) | _stop_when(self._aborted),
-            wait=_wait, retry=retry_if_exception_type(TransientError), sleep=self._backoff,
-            reraise=True)
+            wait=_wait,
+            retry=retry_if_exception_type(TransientError),
+            sleep=self._backoff,
+            reraise=True,
+        )
         async for attempt in retrying:
             with attempt:
                 await self._try(content, tries)
@@ -376,19 +409,25 @@ class Caller:
                 await self._retry(content, tries, first)
         except TransientError as exc:
             assert tries.last is not None
-            return CallOutcome(None, exc.error, tries.attempts, tries.last[1],
-                               exc.error.http_status, gave_up=not self._aborted(),
-                               billed=tries.billed)
+            return CallOutcome(
+                None,
+                exc.error,
+                tries.attempts,
+                tries.last[1],
+                exc.error.http_status,
+                gave_up=not self._aborted(),
+                billed=tries.billed,
+            )
         except Aborted:
             if tries.last is None:
                 return CallOutcome(None, None, tries.attempts, None, None, billed=tries.billed)
             error = tries.last[0]
             assert isinstance(error, APIError)
-            return CallOutcome(None, error, tries.attempts, tries.last[1], error.http_status,
-                               billed=tries.billed)
+            return CallOutcome(
+                None, error, tries.attempts, tries.last[1], error.http_status, billed=tries.billed
+            )
         assert tries.last is not None
         result, latency = tries.last
         if isinstance(result, Reply):
             return CallOutcome(result, None, tries.attempts, latency, 200, billed=tries.billed)
-        return CallOutcome(None, result, tries.attempts, latency, result.http_status,
-                           billed=tries.billed)
+        return CallOutcome(None, result, tries.attempts, latency, result.http_status, billed=tries.billed)

@@ -58,15 +58,18 @@ SIMULATE_LATENCY = 0.2
 SIMULATE_JITTER = 0.1
 
 
-def _generation_parameters(options: Mapping[str, Any],
-                           schema: Mapping[str, Any] | None) -> dict[str, Any]:
+def _generation_parameters(options: Mapping[str, Any], schema: Mapping[str, Any] | None) -> dict[str, Any]:
     """Only what the user set, under DashScope's names; ``--param`` fills in the rest."""
     params = options["params"]
     parameters = dict(params) if isinstance(params, Mapping) else parse_param_options(params)
     named = {
-        "temperature": options["temperature"], "top_p": options["top_p"],
-        "top_k": options["top_k"], "max_tokens": options["max_tokens"], "seed": options["seed"],
-        "stop": list(options["stop"]) or None, "enable_thinking": options["enable_thinking"],
+        "temperature": options["temperature"],
+        "top_p": options["top_p"],
+        "top_k": options["top_k"],
+        "max_tokens": options["max_tokens"],
+        "seed": options["seed"],
+        "stop": list(options["stop"]) or None,
+        "enable_thinking": options["enable_thinking"],
         "thinking_budget": options["thinking_budget"],
     }
     for key, value in named.items():
@@ -74,14 +77,17 @@ def _generation_parameters(options: Mapping[str, Any],
             if key in parameters:
                 raise UsageError(f"{key} is set both by its own option and by --param; keep one")
             parameters[key] = value
-    fmt = response_format(options["model"], parameters, json_mode=bool(options["json"]),
-                          schema=schema, name=Path(options["json_schema"]).stem
-                          if options["json_schema"] else "reply",
-                          dashscope=_to_dashscope(options))
+    fmt = response_format(
+        options["model"],
+        parameters,
+        json_mode=bool(options["json"]),
+        schema=schema,
+        name=Path(options["json_schema"]).stem if options["json_schema"] else "reply",
+        dashscope=_to_dashscope(options),
+    )
     if fmt is not None:
         if "response_format" in parameters:
-            raise UsageError("response_format is set both by --json/--json-schema and by --param; "
-                             "keep one")
+            raise UsageError("response_format is set both by --json/--json-schema and by --param; keep one")
         parameters["response_format"] = fmt
     return parameters
 
@@ -91,15 +97,17 @@ def _check_id_column(source: Source, column: str | None) -> None:
     if column is None:
         return
     if column not in source.columns:
-        raise UsageError(f"--id-column {column!r} is not in the input; its columns are: "
-                         f"{', '.join(source.columns)}")
+        raise UsageError(
+            f"--id-column {column!r} is not in the input; its columns are: {', '.join(source.columns)}"
+        )
     nulls, duplicate, count = source.column_stats(column)
     if nulls:
-        raise UsageError(f"--id-column {column!r} has {nulls} empty value(s): "
-                         "every row needs a key")
+        raise UsageError(f"--id-column {column!r} has {nulls} empty value(s): every row needs a key")
     if duplicate is not None:
-        raise UsageError(f"--id-column {column!r} is not unique (e.g. {duplicate!r} appears "
-                         f"{count} times): pick a unique key column")
+        raise UsageError(
+            f"--id-column {column!r} is not unique (e.g. {duplicate!r} appears "
+            f"{count} times): pick a unique key column"
+        )
 
 
 @dataclass
@@ -120,16 +128,21 @@ def _prepare(options: dict[str, Any]) -> Prepared:
     output_format = format_of(output_path, role="output")
     if input_path.resolve() == output_path.resolve():
         raise UsageError(f"the output {output_path} would overwrite the input: choose another name")
-    spec = PromptSpec(prompt_column=options["prompt_column"], template=options["template"],
-                      system=options["system_prompt"], system_column=options["system_column"],
-                      messages_column=options["messages_column"],
-                      image_columns=tuple(dict.fromkeys(options["image_columns"])),
-                      image_root=input_path.resolve().parent)
+    spec = PromptSpec(
+        prompt_column=options["prompt_column"],
+        template=options["template"],
+        system=options["system_prompt"],
+        system_column=options["system_column"],
+        messages_column=options["messages_column"],
+        image_columns=tuple(dict.fromkeys(options["image_columns"])),
+        image_root=input_path.resolve().parent,
+    )
     schema = load_schema(Path(options["json_schema"])) if options["json_schema"] else None
     parameters = _generation_parameters(options, schema)
     _check_route(options, spec)
-    source = open_source(input_path, options["input_format"], limit=options["limit"],
-                         messages_column=spec.messages_column)
+    source = open_source(
+        input_path, options["input_format"], limit=options["limit"], messages_column=spec.messages_column
+    )
     check_columns(spec, source.columns, source.schema)
     check_collisions(source.columns)
     _check_id_column(source, options["id_column"])
@@ -145,14 +158,18 @@ def _prepare(options: dict[str, Any]) -> Prepared:
 def _check_route(options: Mapping[str, Any], spec: PromptSpec) -> None:
     """Images go only to the multimodal route; the OpenAI API has one route for all."""
     if options["api"] == "openai" and options["endpoint"]:
-        raise UsageError("--endpoint chooses a route of the native API; the OpenAI-compatible "
-                         "API (--api openai) has one: drop --endpoint")
+        raise UsageError(
+            "--endpoint chooses a route of the native API; the OpenAI-compatible "
+            "API (--api openai) has one: drop --endpoint"
+        )
     if not _to_dashscope(options):
         return  # another server: its models are its own business
     route = options["endpoint"] or route_for_model(options["model"])
     if spec.image_columns and route == "text":
-        raise UsageError(f"{options['model']} is a text model and reads no images: pick a "
-                         "vision model for --image-column (e.g. -m qwen3-vl-plus or qwen-vl-max)")
+        raise UsageError(
+            f"{options['model']} is a text model and reads no images: pick a "
+            "vision model for --image-column (e.g. -m qwen3-vl-plus or qwen-vl-max)"
+        )
 
 
 def _check_json_word(parameters: Mapping[str, Any], sample: list[Any]) -> None:
@@ -162,21 +179,33 @@ def _check_json_word(parameters: Mapping[str, Any], sample: list[Any]) -> None:
         return
     rows = [m for m in sample if not isinstance(m, RowProblem)]
     if rows and not any(mentions_json(m) for m in rows):
-        raise UsageError('JSON mode needs the word "json" in the messages (DashScope refuses '
-                         "requests without it), and none of the first rows has it: add it to "
-                         "the prompt, the --template or --system, e.g. --system 'Answer in JSON.'")
+        raise UsageError(
+            'JSON mode needs the word "json" in the messages (DashScope refuses '
+            "requests without it), and none of the first rows has it: add it to "
+            "the prompt, the --template or --system, e.g. --system 'Answer in JSON.'"
+        )
 
 
 def _config(prepared: Prepared, base_url: str, key: str) -> RunConfig:
     o = prepared.options
-    return RunConfig(api_key=key, base_url=base_url, model=o["model"], api=o["api"],
-                     route=o["endpoint"], stream=o["stream"], json_schema=prepared.schema,
-                     dashscope=_to_dashscope(o),
-                     workspace=(o["workspace"] or None) if _to_dashscope(o) else None,
-                     parameters=prepared.parameters,
-                     concurrency=o["concurrency"], rpm=o["rpm"], tpm=o["tpm"],
-                     adaptive=not o["fixed_rate"], max_attempts=o["max_attempts"],
-                     timeout=o["timeout"])
+    return RunConfig(
+        api_key=key,
+        base_url=base_url,
+        model=o["model"],
+        api=o["api"],
+        route=o["endpoint"],
+        stream=o["stream"],
+        json_schema=prepared.schema,
+        dashscope=_to_dashscope(o),
+        workspace=(o["workspace"] or None) if _to_dashscope(o) else None,
+        parameters=prepared.parameters,
+        concurrency=o["concurrency"],
+        rpm=o["rpm"],
+        tpm=o["tpm"],
+        adaptive=not o["fixed_rate"],
+        max_attempts=o["max_attempts"],
+        timeout=o["timeout"],
+    )
 
 
 @contextlib.contextmanager
@@ -211,36 +240,44 @@ def _key(options: Mapping[str, Any]) -> str:
 def _check_config(prepared: Prepared) -> RunConfig:
     """Every setting checked (ranges, NaN, the key's characters) before anything is touched."""
     o = prepared.options
-    return _config(prepared, "http://checked.invalid",
-                   "checked" if o["simulate"] else _key(o))
+    return _config(prepared, "http://checked.invalid", "checked" if o["simulate"] else _key(o))
 
 
 def validate_command(**options: Any) -> int:
     """``batchgen validate``: every check ``run`` makes before sending, and nothing more."""
     prepared = _prepare(options)
     config = _check_config(prepared)
-    where = ("http://127.0.0.1:<free port>" + (COMPATIBLE_PREFIX if config.api == "openai"
-                                               else NATIVE_PREFIX)
-             if options["simulate"] else _base_url(options))
+    where = (
+        "http://127.0.0.1:<free port>" + (COMPATIBLE_PREFIX if config.api == "openai" else NATIVE_PREFIX)
+        if options["simulate"]
+        else _base_url(options)
+    )
     base_url = replace(config, base_url=where).url
     stream = " streamed" if config.effective_stream else ""
     _budget(options, _prices(options), prepared.parameters)
     output: Path = options["output_path"]
     _check_output_folder(output)
     sendable = prepared.source.total
-    log.info("ok: %s rows of %s (columns: %s) would go%s to %s on %s; output %s",
-             f"{sendable:,}", options["input_path"], ", ".join(prepared.source.columns),
-             stream, config.model, base_url, output,
-             extra=event("validated", rows=sendable, model=config.model,
-                         route=config.effective_route, output=str(output)))
+    log.info(
+        "ok: %s rows of %s (columns: %s) would go%s to %s on %s; output %s",
+        f"{sendable:,}",
+        options["input_path"],
+        ", ".join(prepared.source.columns),
+        stream,
+        config.model,
+        base_url,
+        output,
+        extra=event(
+            "validated", rows=sendable, model=config.model, route=config.effective_route, output=str(output)
+        ),
+    )
     return 0
 
 
 def _check_output_folder(output: Path) -> None:
     """The output's folder exists and is writable, or its nearest existing parent is."""
     if output.is_dir():
-        raise UsageError(f"output {output} is a directory: give a file name, e.g. "
-                         f"{output}/answers.csv")
+        raise UsageError(f"output {output} is a directory: give a file name, e.g. {output}/answers.csv")
     folder = output.parent
     while not folder.exists():
         folder = folder.parent
@@ -248,28 +285,42 @@ def _check_output_folder(output: Path) -> None:
         raise UsageError(f"cannot write the output {output}: {folder} is not writable")
 
 
-async def _run_with_signals(prepared: Prepared, config: RunConfig, journal: Journal,
-                            grace: float, prices: PriceTable | None,
-                            budget: Budget | None, writer: TableWriter) -> RunResult:
+async def _run_with_signals(
+    prepared: Prepared,
+    config: RunConfig,
+    journal: Journal,
+    grace: float,
+    prices: PriceTable | None,
+    budget: Budget | None,
+    writer: TableWriter,
+) -> RunResult:
     """The run, with SIGINT/SIGTERM stopping it gracefully and a second signal at once."""
     loop = asyncio.get_running_loop()
     control = RunControl()
 
     def on_signal(name: str) -> None:
         if control.stopping:
-            log.warning("%s again: stopping now; the journal keeps every finished row", name,
-                        extra=event("stop_now", signal=name))
+            log.warning(
+                "%s again: stopping now; the journal keeps every finished row",
+                name,
+                extra=event("stop_now", signal=name),
+            )
             control.stop_now()
             return
-        log.warning("%s: sending no more requests; letting those in flight finish (up to %gs); "
-                    "press Ctrl-C again to stop at once", name, grace,
-                    extra=event("stopping", signal=name, grace=grace))
+        log.warning(
+            "%s: sending no more requests; letting those in flight finish (up to %gs); "
+            "press Ctrl-C again to stop at once",
+            name,
+            grace,
+            extra=event("stopping", signal=name, grace=grace),
+        )
         control.stop(name, grace)
 
     signals = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig.name)
     o = prepared.options
+    progress: Progress | JsonProgress | None
     if o["quiet"]:
         progress = None
     elif o["log_format"] == "json":
@@ -278,11 +329,21 @@ async def _run_with_signals(prepared: Prepared, config: RunConfig, journal: Jour
         progress = Progress()
     try:
         source = prepared.source
-        return await arun_batches(source.batches(), source.total, config, prepared.spec,
-                          write=writer.write, id_column=o["id_column"],
-                          endpoint="simulator" if o["simulate"] else config.base_url,
-                          journal=journal, retry_errors=o["retry_errors"], control=control,
-                          prices=prices, budget=budget, progress=progress)
+        return await arun_batches(
+            source.batches(),
+            source.total,
+            config,
+            prepared.spec,
+            write=writer.write,
+            id_column=o["id_column"],
+            endpoint="simulator" if o["simulate"] else config.base_url,
+            journal=journal,
+            retry_errors=o["retry_errors"],
+            control=control,
+            prices=prices,
+            budget=budget,
+            progress=progress,
+        )
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
@@ -323,8 +384,9 @@ def _prices(options: Mapping[str, Any]) -> PriceTable | None:
         return None
 
 
-def _budget(options: Mapping[str, Any], prices: PriceTable | None,
-            parameters: Mapping[str, Any]) -> Budget | None:
+def _budget(
+    options: Mapping[str, Any], prices: PriceTable | None, parameters: Mapping[str, Any]
+) -> Budget | None:
     if options["max_cost"] is None:
         return None
     if not math.isfinite(options["max_cost"]):
@@ -333,11 +395,17 @@ def _budget(options: Mapping[str, Any], prices: PriceTable | None,
     price = prices.lookup(model) if prices is not None else None
     if prices is None or price is None:
         where = prices.describe() if prices is not None else "the price table"
-        raise UsageError(f"--max-cost needs the price of {model}, which {where} does not have: "
-                         "add it with --prices FILE")
-    return Budget(Decimal(str(options["max_cost"])), price, prices,
-                  max_tokens=parameters.get("max_tokens"), thinking=thinks(model, parameters),
-                  thinking_budget=parameters.get("thinking_budget"))
+        raise UsageError(
+            f"--max-cost needs the price of {model}, which {where} does not have: add it with --prices FILE"
+        )
+    return Budget(
+        Decimal(str(options["max_cost"])),
+        price,
+        prices,
+        max_tokens=parameters.get("max_tokens"),
+        thinking=thinks(model, parameters),
+        thinking_budget=parameters.get("thinking_budget"),
+    )
 
 
 def _run(options: dict[str, Any], summary: RunSummary) -> int:
@@ -355,17 +423,26 @@ def _run(options: dict[str, Any], summary: RunSummary) -> int:
         if options["fresh"]:
             journal.discard()
         journal.open()
-        metadata = {"batchgen_version": __version__, "run_id": summary.run_id,
-                    "model": options["model"], "job": options.get("job") or "",
-                    "region": _region(options),
-                    "prices_version": prices.version if prices else ""}
-        writer = TableWriter(output.parent, output.name, prepared.output_format,  # type: ignore[arg-type]
-                             metadata)
+        metadata = {
+            "batchgen_version": __version__,
+            "run_id": summary.run_id,
+            "model": options["model"],
+            "job": options.get("job") or "",
+            "region": _region(options),
+            "prices_version": prices.version if prices else "",
+        }
+        writer = TableWriter(
+            output.parent,
+            output.name,
+            prepared.output_format,  # type: ignore[arg-type]
+            metadata,
+        )
         try:
             with _endpoint(options) as (url, key):
                 config = _config(prepared, url, key)
-                result = asyncio.run(_run_with_signals(prepared, config, journal,
-                                                       options["grace"], prices, budget, writer))
+                result = asyncio.run(
+                    _run_with_signals(prepared, config, journal, options["grace"], prices, budget, writer)
+                )
             summary.result = result
             target = output
             finished = result.fatal is None and result.stopped is None and result.stats.ok > 0
@@ -383,34 +460,54 @@ def _run(options: dict[str, Any], summary: RunSummary) -> int:
         except (OSError, pl.exceptions.PolarsError) as exc:
             writer.discard()
             reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-            raise BatchgenError(f"could not write {output} ({reason}); every answer is kept in "
-                                f"{journal.path}: fix that and run the same command again to "
-                                "write it (nothing is sent twice)") from None
+            raise BatchgenError(
+                f"could not write {output} ({reason}); every answer is kept in "
+                f"{journal.path}: fix that and run the same command again to "
+                "write it (nothing is sent twice)"
+            ) from None
         except BaseException:
             writer.discard()
             raise
         summary.output = target
     stats = result.stats
     if result.fatal is not None:
-        log.error("%s", result.fatal, extra=event("fatal", code=result.fatal.code,
-                                                  http_status=result.fatal.http_status))
+        log.error(
+            "%s",
+            result.fatal,
+            extra=event("fatal", code=result.fatal.code, http_status=result.fatal.http_status),
+        )
     if target != output:
         log.warning("kept the existing %s; this run's table is %s", output, target)
     if result.stopped == "budget" and budget is not None:
-        refused = (f" (the next request could cost up to ${budget.refused:.4f}; --max-tokens "
-                   "lowers that)" if budget.refused is not None else "")
-        log.warning("stopped by --max-cost: spent $%s of $%s%s; %s rows not sent are marked "
-                    "skipped; run the same command with a higher --max-cost to continue",
-                    f"{budget.spent:.4f}", options["max_cost"], refused, f"{stats.skipped:,}",
-                    extra=event("stopped", reason="budget", spent_usd=str(budget.spent),
-                                skipped=stats.skipped))
+        refused = (
+            f" (the next request could cost up to ${budget.refused:.4f}; --max-tokens lowers that)"
+            if budget.refused is not None
+            else ""
+        )
+        log.warning(
+            "stopped by --max-cost: spent $%s of $%s%s; %s rows not sent are marked "
+            "skipped; run the same command with a higher --max-cost to continue",
+            f"{budget.spent:.4f}",
+            options["max_cost"],
+            refused,
+            f"{stats.skipped:,}",
+            extra=event("stopped", reason="budget", spent_usd=str(budget.spent), skipped=stats.skipped),
+        )
     elif result.stopped is not None:
-        log.warning("stopped by %s: %s rows not answered are marked skipped; run the same "
-                    "command again to finish them (journal: %s)", result.stopped,
-                    f"{stats.skipped:,}", journal.path,
-                    extra=event("stopped", signal=result.stopped, skipped=stats.skipped))
-    log.info("%s · wrote %s", summary_line(stats), target,
-             extra=event("summary", **summary.counts(), output=str(target)))
+        log.warning(
+            "stopped by %s: %s rows not answered are marked skipped; run the same "
+            "command again to finish them (journal: %s)",
+            result.stopped,
+            f"{stats.skipped:,}",
+            journal.path,
+            extra=event("stopped", signal=result.stopped, skipped=stats.skipped),
+        )
+    log.info(
+        "%s · wrote %s",
+        summary_line(stats),
+        target,
+        extra=event("summary", **summary.counts(), output=str(target)),
+    )
     return exit_code(result)
 
 
@@ -428,13 +525,27 @@ class RunSummary:
         if self.result is None:
             return {}
         s = self.result.stats
-        return {"rows": {"total": s.total, "ok": s.ok, "error": s.error, "skipped": s.skipped,
-                         "resumed": s.resumed, "changed": s.changed},
-                "tokens": {"input": s.input_tokens, "output": s.output_tokens,
-                           "sent_input": s.sent_input_tokens, "sent_output": s.sent_output_tokens},
-                "cost": {"spent_usd": str(s.spent), "total_usd": str(s.cost),
-                         "unpriced_rows": s.unpriced_rows} if s.priced else None,
-                "attempts": s.attempts, "error_codes": dict(s.error_codes.most_common())}
+        return {
+            "rows": {
+                "total": s.total,
+                "ok": s.ok,
+                "error": s.error,
+                "skipped": s.skipped,
+                "resumed": s.resumed,
+                "changed": s.changed,
+            },
+            "tokens": {
+                "input": s.input_tokens,
+                "output": s.output_tokens,
+                "sent_input": s.sent_input_tokens,
+                "sent_output": s.sent_output_tokens,
+            },
+            "cost": {"spent_usd": str(s.spent), "total_usd": str(s.cost), "unpriced_rows": s.unpriced_rows}
+            if s.priced
+            else None,
+            "attempts": s.attempts,
+            "error_codes": dict(s.error_codes.most_common()),
+        }
 
     def write(self, *, exit_code: int, error: str | None = None) -> None:
         path = self.options.get("summary_path")
@@ -442,12 +553,16 @@ class RunSummary:
             return
         ended = datetime.now(UTC)
         summary = {
-            "run_id": self.run_id, "job": self.options.get("job"),
-            "started_at": self.started.isoformat(), "ended_at": ended.isoformat(),
+            "run_id": self.run_id,
+            "job": self.options.get("job"),
+            "started_at": self.started.isoformat(),
+            "ended_at": ended.isoformat(),
             "duration_s": round((ended - self.started).total_seconds(), 3),
             "input": str(self.options.get("input_path")),
             "output": str(self.output or self.options.get("output_path")),
-            "model": self.options.get("model"), "exit_code": exit_code, "error": error,
+            "model": self.options.get("model"),
+            "exit_code": exit_code,
+            "error": error,
             "stopped_by": self.result.stopped if self.result else None,
             **self.counts(),
         }
@@ -463,8 +578,7 @@ class RunSummary:
             log.warning("could not write the summary %s: %s", path, exc.strerror or exc)
 
 
-def cost_command(*, files: list[str], by: str, fmt: str, prices_path: str | None,
-                 region: str | None) -> None:
+def cost_command(*, files: list[str], by: str, fmt: str, prices_path: str | None, region: str | None) -> None:
     """``batchgen cost``: the report on stdout; which price table and any mismatch on stderr."""
     from batchgen.costs import GROUPS, build_report, expand, render
     from batchgen.pricing import load_prices
@@ -480,12 +594,14 @@ def cost_command(*, files: list[str], by: str, fmt: str, prices_path: str | None
     prices = load_prices(prices_path, region=region)
     for path, meta in zip(paths, recorded, strict=True):
         if meta.get("region") and meta["region"] != prices.region:
-            log.warning("%s was run in region %s; this report applies %s prices", path,
-                        meta["region"], prices.region)
+            log.warning(
+                "%s was run in region %s; this report applies %s prices", path, meta["region"], prices.region
+            )
         version = meta.get("prices_version")
         if version and version != prices.version:
-            log.warning("%s was run with price table %s; this report applies %s", path,
-                        version, prices.version)
+            log.warning(
+                "%s was run with price table %s; this report applies %s", path, version, prices.version
+            )
     report = build_report([str(p) for p in paths], prices, keys)
     print(render(report, fmt))
 
@@ -515,8 +631,9 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
             if isinstance(body, RowProblem):
                 empty += 1
                 continue
-            if entry is not None and entry.answers(row_digest(body, endpoint, prepared.spec),
-                                                   retry_errors=o["retry_errors"]):
+            if entry is not None and entry.answers(
+                row_digest(body, endpoint, prepared.spec), retry_errors=o["retry_errors"]
+            ):
                 resumed += 1
                 continue
             images += count_images(messages_of(body))
@@ -527,40 +644,56 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
     typical = max_tokens or DEFAULT_OUTPUT_ASSUMPTION
     mode = thinks(model, prepared.parameters)
     thinking = mode is not False
-    most = (worst_output_tokens(price, max_tokens, mode, prepared.parameters.get("thinking_budget"))
-            if price else max_tokens)
+    most = (
+        worst_output_tokens(price, max_tokens, mode, prepared.parameters.get("thinking_budget"))
+        if price
+        else max_tokens
+    )
     lines = [
         f"dry run: {n:,} of {prepared.source.total:,} rows would be sent to {model} ({route}"
         f"{', streamed' if config.effective_stream else ''}); {resumed:,} already answered in "
-        f"the journal, {empty:,} not sendable (empty, a missing image, no \"json\" in JSON mode)",
+        f'the journal, {empty:,} not sendable (empty, a missing image, no "json" in JSON mode)',
         f"input tokens: {sum(counts):,} counted with the Qwen tokenizer "
         f"({(sum(counts) / n if n else 0):,.0f} a row on average, {max(counts, default=0):,} at most)"
-        + (f", plus {images:,} images (not counted: up to {IMAGE_TOKENS_TYPICAL:,} tokens each "
-           f"at the default resolution, {IMAGE_TOKENS_MAX:,} at the highest)" if images else ""),
+        + (
+            f", plus {images:,} images (not counted: up to {IMAGE_TOKENS_TYPICAL:,} tokens each "
+            f"at the default resolution, {IMAGE_TOKENS_MAX:,} at the highest)"
+            if images
+            else ""
+        ),
         f"output tokens: assumed {typical:,} a row "
-        + (f"(--max-tokens {max_tokens:,})" if max_tokens else
-           f"(no --max-tokens: a stated default; replies may run to {most:,})" if most else
-           "(no --max-tokens: a stated default)"),
+        + (
+            f"(--max-tokens {max_tokens:,})"
+            if max_tokens
+            else f"(no --max-tokens: a stated default; replies may run to {most:,})"
+            if most
+            else "(no --max-tokens: a stated default)"
+        ),
     ]
     if price is None:
         where = prices.describe() if prices is not None else "no price table for this region"
-        lines.append(f"estimated cost: unpriced: {model} has no price in {where} "
-                     "(add it with --prices FILE)")
+        lines.append(f"estimated cost: unpriced: {model} has no price in {where} (add it with --prices FILE)")
     else:
+
         def total(output: int, think: bool) -> Decimal:
-            return sum((price.cost(input_tokens=c, output_tokens=output, thinking=think)
-                        for c in counts), Decimal(0))
+            return sum(
+                (price.cost(input_tokens=c, output_tokens=output, thinking=think) for c in counts), Decimal(0)
+            )
 
         low = total(0, False)
         expected = total(typical, thinks(model, prepared.parameters) is True)
         high = total(most or typical, thinking)
-        lines.append(f"estimated cost: ${expected:.4f} (range ${low:.4f} with empty replies "
-                     f"to ${high:.4f} with every reply at {most or typical:,} tokens"
-                     f"{', thinking' if thinking and any(t.output_thinking for t in price.tiers) else ''})")
+        lines.append(
+            f"estimated cost: ${expected:.4f} (range ${low:.4f} with empty replies "
+            f"to ${high:.4f} with every reply at {most or typical:,} tokens"
+            f"{', thinking' if thinking and any(t.output_thinking for t in price.tiers) else ''})"
+        )
         lines.append(f"prices: {prices.describe()}")  # type: ignore[union-attr]
     seconds = n * 60 / o["rpm"]
-    lines.append(f"time: at least {duration(seconds)} at --rpm {o['rpm']:g} "
-                 f"({n:,} requests, {o['concurrency']} at a time)")
+    lines.append(
+        f"time: at least {duration(seconds)} at --rpm {o['rpm']:g} "
+        f"({n:,} requests, {o['concurrency']} at a time)"
+    )
     print("\n".join(lines))
     return 0
 
@@ -575,7 +708,9 @@ def _journal_read_only(path: Path) -> dict[str, Any]:
 
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            return {k: Entry(h, st, bool(f), {}) for k, h, st, f in db.execute(
-                "SELECT key, request_hash, status, final FROM rows")}
+            return {
+                k: Entry(h, st, bool(f), {})
+                for k, h, st, f in db.execute("SELECT key, request_hash, status, final FROM rows")
+            }
     except sqlite3.Error:
         return {}

@@ -43,13 +43,17 @@ def openai_part(part: Any) -> Any:
     return part
 
 
-def build_body(model: str, messages: list[dict[str, Any]],
-               parameters: Mapping[str, Any]) -> dict[str, Any]:
+def build_body(model: str, messages: list[dict[str, Any]], parameters: Mapping[str, Any]) -> dict[str, Any]:
     """OpenAI's body: ``model``, ``messages`` and the parameters that were set, at the top."""
-    converted = [{**m, "content": [openai_part(p) for p in m["content"]]}
-                 if isinstance(m.get("content"), list) else m for m in messages]
-    return {"model": model, "messages": converted,
-            **{k: v for k, v in parameters.items() if k not in _NATIVE_ONLY}}
+    converted = [
+        {**m, "content": [openai_part(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
+        for m in messages
+    ]
+    return {
+        "model": model,
+        "messages": converted,
+        **{k: v for k, v in parameters.items() if k not in _NATIVE_ONLY},
+    }
 
 
 def streamed_body(body: dict[str, Any]) -> dict[str, Any]:
@@ -71,11 +75,15 @@ def _usage(usage: Mapping[str, Any]) -> dict[str, int | None]:
     total = _int_or_none(usage.get("total_tokens"))
     if total is None and prompt is not None and completion is not None:
         total = prompt + completion
-    return {"input_tokens": prompt, "output_tokens": completion, "total_tokens": total,
-            "cached_tokens": _int_or_none(_dict(usage.get("prompt_tokens_details"))
-                                          .get("cached_tokens")),
-            "reasoning_tokens": _int_or_none(_dict(usage.get("completion_tokens_details"))
-                                             .get("reasoning_tokens"))}
+    return {
+        "input_tokens": prompt,
+        "output_tokens": completion,
+        "total_tokens": total,
+        "cached_tokens": _int_or_none(_dict(usage.get("prompt_tokens_details")).get("cached_tokens")),
+        "reasoning_tokens": _int_or_none(
+            _dict(usage.get("completion_tokens_details")).get("reasoning_tokens")
+        ),
+    }
 
 
 def _request_id(body: Mapping[str, Any], header_id: str | None) -> str | None:
@@ -92,13 +100,18 @@ def parse_reply(body: Mapping[str, Any], request_id: str | None = None) -> Reply
     choice = _dict(choices[0]) if isinstance(choices, list) and choices else {}
     message = _dict(choice.get("message"))
     finish = choice.get("finish_reason")
-    return Reply(content=_text_of(message.get("content")), reasoning=_reasoning(message),
-                 finish_reason=finish if isinstance(finish, str) else None,
-                 request_id=_request_id(body, request_id), **_usage(_dict(body.get("usage"))))
+    return Reply(
+        content=_text_of(message.get("content")),
+        reasoning=_reasoning(message),
+        finish_reason=finish if isinstance(finish, str) else None,
+        request_id=_request_id(body, request_id),
+        **_usage(_dict(body.get("usage"))),
+    )
 
 
-def _error_of(status: int, body: Mapping[str, Any], header_id: str | None,
-              headers: Mapping[str, str]) -> APIError:
+def _error_of(
+    status: int, body: Mapping[str, Any], header_id: str | None, headers: Mapping[str, str]
+) -> APIError:
     """OpenAI's envelope ``{"error": {"message", "type", "code"}}``; Ollama's ``{"error": "..."}``."""
     error = body.get("error")
     if isinstance(error, dict):
@@ -115,8 +128,14 @@ def _error_of(status: int, body: Mapping[str, Any], header_id: str | None,
     code = str(code) if code else f"HTTP{status}"
     message = str(message or "")
     request_id = body.get("request_id") or header_id
-    return APIError(status, code, message, request_id if isinstance(request_id, str) else None,
-                    classify(status, code, message), _retry_after(headers))
+    return APIError(
+        status,
+        code,
+        message,
+        request_id if isinstance(request_id, str) else None,
+        classify(status, code, message),
+        _retry_after(headers),
+    )
 
 
 def interpret(http_status: int, headers: Mapping[str, str], raw: bytes) -> Reply | APIError:
@@ -128,9 +147,14 @@ def interpret(http_status: int, headers: Mapping[str, str], raw: bytes) -> Reply
     if http_status == 200 and not body.get("error") and not body.get("code"):
         if isinstance(body.get("choices"), list) and body["choices"]:
             return parse_reply(body, header_id)
-        return APIError(http_status, "batchgen.BadResponse",
-                        f"HTTP 200 without choices: {raw[:120].decode('utf-8', 'replace')}",
-                        _request_id(body, header_id), Disposition.RETRY, _retry_after(headers))
+        return APIError(
+            http_status,
+            "batchgen.BadResponse",
+            f"HTTP 200 without choices: {raw[:120].decode('utf-8', 'replace')}",
+            _request_id(body, header_id),
+            Disposition.RETRY,
+            _retry_after(headers),
+        )
     return _error_of(http_status, body, header_id, headers)
 
 
@@ -159,9 +183,15 @@ class OpenAIStream(StreamAssembler):
         delta = _dict(choice.get("delta"))
         finish = choice.get("finish_reason")
         usage = body.get("usage")
-        self.merge(Reply(content=_text_of(delta.get("content")), reasoning=_reasoning(delta),
-                         finish_reason=finish if isinstance(finish, str) else None,
-                         request_id=_request_id(body, None), **_usage(_dict(usage))))
+        self.merge(
+            Reply(
+                content=_text_of(delta.get("content")),
+                reasoning=_reasoning(delta),
+                finish_reason=finish if isinstance(finish, str) else None,
+                request_id=_request_id(body, None),
+                **_usage(_dict(usage)),
+            )
+        )
         return None
 
     def result(self) -> Reply | APIError:

@@ -41,8 +41,10 @@ DEFAULT_RPM = 600.0  # the documented default quota of qwen-plus
 DEFAULT_MAX_ATTEMPTS = 8
 DEFAULT_TIMEOUT = 300.0
 
-NO_KEY = (f"no API key: set {ENV_API_KEY} (a DashScope key from the Model Studio console), "
-          "or pass --simulate to try batchgen against its built-in simulator")
+NO_KEY = (
+    f"no API key: set {ENV_API_KEY} (a DashScope key from the Model Studio console), "
+    "or pass --simulate to try batchgen against its built-in simulator"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,9 +73,11 @@ class RunConfig:
             raise UsageError(NO_KEY)
         if not all(33 <= ord(c) < 127 for c in self.api_key.strip()):
             # A pasted curly quote or newline; never echo the key itself.
-            raise UsageError(f"{ENV_API_KEY} holds characters no API key has (spaces, quotes "
-                             "from a word processor, non-ASCII, control characters): copy it "
-                             "again from the Model Studio console")
+            raise UsageError(
+                f"{ENV_API_KEY} holds characters no API key has (spaces, quotes "
+                "from a word processor, non-ASCII, control characters): copy it "
+                "again from the Model Studio console"
+            )
         if not self.model:
             raise UsageError("the model name is empty: pass -m/--model, e.g. -m qwen-plus")
         if self.concurrency < 1:
@@ -101,8 +105,7 @@ class RunConfig:
     @property
     def effective_stream(self) -> bool:
         """``--stream`` / ``--no-stream`` if given, else streamed where needed or thinking."""
-        return self.stream if self.stream is not None else stream_by_default(self.model,
-                                                                               self.parameters)
+        return self.stream if self.stream is not None else stream_by_default(self.model, self.parameters)
 
     @property
     def url(self) -> str:
@@ -112,8 +115,7 @@ class RunConfig:
         return self.base_url + ROUTE_PATHS[self.effective_route]
 
 
-def dashscope_endpoint(base_url: str | None, api: str,
-                       environ: Mapping[str, str] = os.environ) -> bool:
+def dashscope_endpoint(base_url: str | None, api: str, environ: Mapping[str, str] = os.environ) -> bool:
     """Whether requests go to DashScope, so that DashScope's key and workspace may go along.
 
     The native API is DashScope's by definition; with ``--api openai`` a URL counts when its
@@ -134,8 +136,7 @@ def dashscope_endpoint(base_url: str | None, api: str,
     return host.endswith(".aliyuncs.com")
 
 
-def api_key_from_env(api: str, environ: Mapping[str, str] = os.environ, *,
-                     dashscope: bool = True) -> str:
+def api_key_from_env(api: str, environ: Mapping[str, str] = os.environ, *, dashscope: bool = True) -> str:
     """The key for the run: ``DASHSCOPE_API_KEY`` for DashScope, else ``OPENAI_API_KEY``.
 
     With ``--api openai`` to DashScope, ``OPENAI_API_KEY`` is the fallback; to any other server
@@ -150,10 +151,12 @@ def api_key_from_env(api: str, environ: Mapping[str, str] = os.environ, *,
 
 def no_key_message(api: str, *, dashscope: bool = True) -> str:
     if api == "openai" and not dashscope:
-        return (f"no API key for this server: set {ENV_OPENAI_KEY} (one that checks no key "
-                f"takes any value, e.g. none); {ENV_API_KEY} is sent only to DashScope hosts")
+        return (
+            f"no API key for this server: set {ENV_OPENAI_KEY} (one that checks no key "
+            f"takes any value, e.g. none); {ENV_API_KEY} is sent only to DashScope hosts"
+        )
     if api == "openai":
-        return (f"no API key: set {ENV_API_KEY} (or {ENV_OPENAI_KEY}), or pass --simulate")
+        return f"no API key: set {ENV_API_KEY} (or {ENV_OPENAI_KEY}), or pass --simulate"
     return NO_KEY
 
 
@@ -165,8 +168,9 @@ def compatible_url(native_base: str) -> str:
     return base
 
 
-def resolve_base_url(base_url: str | None, region: str | None,
-                     environ: Mapping[str, str] = os.environ, api: str = "dashscope") -> str:
+def resolve_base_url(
+    base_url: str | None, region: str | None, environ: Mapping[str, str] = os.environ, api: str = "dashscope"
+) -> str:
     """``--base-url``, else the environment, else the region's URL (default intl).
 
     With ``--api openai``: ``OPENAI_BASE_URL`` comes first among the variables, and DashScope
@@ -182,8 +186,10 @@ def resolve_base_url(base_url: str | None, region: str | None,
     name = (region or environ.get(ENV_REGION) or "intl").strip().lower()
     name = REGION_ALIASES.get(name, name)
     if name not in REGION_BASE_URLS:
-        raise UsageError(f"unknown region {region or environ.get(ENV_REGION)!r}: use one of "
-                         f"{', '.join(REGION_BASE_URLS)} (or --base-url)")
+        raise UsageError(
+            f"unknown region {region or environ.get(ENV_REGION)!r}: use one of "
+            f"{', '.join(REGION_BASE_URLS)} (or --base-url)"
+        )
     return convert(REGION_BASE_URLS[name])
 
 
@@ -227,19 +233,21 @@ def _validate_one(key: str, value: Any) -> None:
     elif key in ("enable_thinking", "enable_search"):
         _check(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
     elif key == "stop":
-        _check(isinstance(value, str) or (isinstance(value, list) and value != [] and all(
-            isinstance(s, str) and s for s in value)),
-            f"stop must be a string or a list of non-empty strings, got {value!r}")
+        _check(
+            isinstance(value, str)
+            or (isinstance(value, list) and value != [] and all(isinstance(s, str) and s for s in value)),
+            f"stop must be a string or a list of non-empty strings, got {value!r}",
+        )
     elif key == "result_format":
         _check(value == "message", "result_format is always 'message' in batchgen; drop it")
     elif key in ("stream", "incremental_output", "stream_options"):
-        raise UsageError(f"{key} is batchgen's to set: use --stream or --no-stream instead of "
-                         f"--param {key}")
+        raise UsageError(f"{key} is batchgen's to set: use --stream or --no-stream instead of --param {key}")
     elif key == "response_format":
-        _check(isinstance(value, dict) and value.get("type") in ("text", "json_object",
-                                                                  "json_schema"),
-               "response_format must be {\"type\": \"json_object\"} or a json_schema object: "
-               "use --json or --json-schema FILE")
+        _check(
+            isinstance(value, dict) and value.get("type") in ("text", "json_object", "json_schema"),
+            'response_format must be {"type": "json_object"} or a json_schema object: '
+            "use --json or --json-schema FILE",
+        )
 
 
 def validate_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:

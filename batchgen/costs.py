@@ -43,9 +43,13 @@ class Line:
         return self.unpriced_rows > 0 and self.cost == 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.key, "rows": self.rows, **self.tokens,
-                "cost_usd": None if self.all_unpriced else exact(self.cost),
-                "unpriced_rows": self.unpriced_rows}
+        return {
+            **self.key,
+            "rows": self.rows,
+            **self.tokens,
+            "cost_usd": None if self.all_unpriced else exact(self.cost),
+            "unpriced_rows": self.unpriced_rows,
+        }
 
 
 def exact(cost: Decimal) -> str:
@@ -72,9 +76,13 @@ def expand(paths: list[str]) -> list[Path]:
             continue
         # A pattern such as out/* also matches journals, locks and sidecars: keep tables only,
         # and not the .partial- tables of stopped runs, whose rows the final output repeats.
-        matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True))
-                   if Path(m).suffix.lower() in TABLE_SUFFIXES and Path(m).is_file()
-                   and ".partial-" not in Path(m).name]
+        matches = [
+            Path(m)
+            for m in sorted(glob.glob(pattern, recursive=True))
+            if Path(m).suffix.lower() in TABLE_SUFFIXES
+            and Path(m).is_file()
+            and ".partial-" not in Path(m).name
+        ]
         if not matches:
             raise UsageError(f"no output file matches {pattern}")
         found.extend(matches)
@@ -85,24 +93,45 @@ def _load(path: Path) -> pl.DataFrame:
     frame = read_table(path)
     missing = [c for c in NEEDED if c not in frame.columns]
     if missing:
-        raise UsageError(f"{path} is not a batchgen output: it has no {', '.join(missing)} "
-                         "column(s)")
+        raise UsageError(f"{path} is not a batchgen output: it has no {', '.join(missing)} column(s)")
     meta = read_metadata(path)
     _check_token_cells(path, frame)
     columns = [
         pl.col("model").cast(pl.String),
         pl.col("status").cast(pl.String),
-        (pl.col("finish_reason").cast(pl.String) if "finish_reason" in frame.columns
-         else pl.lit(None, pl.String)).alias("finish_reason"),
-        *[(pl.col(c).cast(pl.String).cast(pl.Float64).cast(pl.Int64) if c in frame.columns
-           else pl.lit(None, pl.Int64)).fill_null(0).alias(c) for c in TOKEN_COLUMNS],
+        (
+            pl.col("finish_reason").cast(pl.String)
+            if "finish_reason" in frame.columns
+            else pl.lit(None, pl.String)
+        ).alias("finish_reason"),
+        *[
+            (
+                pl.col(c).cast(pl.String).cast(pl.Float64).cast(pl.Int64)
+                if c in frame.columns
+                else pl.lit(None, pl.Int64)
+            )
+            .fill_null(0)
+            .alias(c)
+            for c in TOKEN_COLUMNS
+        ],
         # A row is thinking if it spent reasoning tokens or carries reasoning text.
-        ((pl.col("reasoning_tokens").cast(pl.Int64, strict=False).fill_null(0) > 0
-          if "reasoning_tokens" in frame.columns else pl.lit(False))
-         | (pl.col("reasoning").cast(pl.String).fill_null("").str.len_chars() > 0
-            if "reasoning" in frame.columns else pl.lit(False))).alias("thinking"),
-        (pl.col("finished_at").cast(pl.String).str.slice(0, 10)
-         if "finished_at" in frame.columns else pl.lit(None, pl.String)).alias("day"),
+        (
+            (
+                pl.col("reasoning_tokens").cast(pl.Int64, strict=False).fill_null(0) > 0
+                if "reasoning_tokens" in frame.columns
+                else pl.lit(False)
+            )
+            | (
+                pl.col("reasoning").cast(pl.String).fill_null("").str.len_chars() > 0
+                if "reasoning" in frame.columns
+                else pl.lit(False)
+            )
+        ).alias("thinking"),
+        (
+            pl.col("finished_at").cast(pl.String).str.slice(0, 10)
+            if "finished_at" in frame.columns
+            else pl.lit(None, pl.String)
+        ).alias("day"),
         pl.lit(meta.get("job") or path.stem.split(".")[0], pl.String).alias("job"),
     ]
     return frame.select(columns)
@@ -115,11 +144,14 @@ def _check_token_cells(path: Path, frame: pl.DataFrame) -> None:
             continue
         text = frame.get_column(column).cast(pl.String)
         numbers = text.cast(pl.Float64, strict=False)
-        bad = int((text.is_not_null() & (numbers.is_null() | (numbers != numbers.floor())
-                                         | (numbers < 0))).sum())
+        bad = int(
+            (text.is_not_null() & (numbers.is_null() | (numbers != numbers.floor()) | (numbers < 0))).sum()
+        )
         if bad:
-            raise UsageError(f"{path}: {bad} cell(s) of {column} are not whole token counts "
-                             "(edited in a spreadsheet?): fix them or re-export the file")
+            raise UsageError(
+                f"{path}: {bad} cell(s) of {column} are not whole token counts "
+                "(edited in a spreadsheet?): fix them or re-export the file"
+            )
 
 
 def _tier_index(frame: pl.DataFrame, prices: PriceTable) -> pl.DataFrame:
@@ -145,14 +177,15 @@ def build_report(paths: list[str], prices: PriceTable, by: tuple[str, ...]) -> R
         frame = _load(path)
         meta = read_metadata(path)
         frames.append(frame)
-        info.append({"path": str(path), "rows": frame.height,
-                     "prices_version": meta.get("prices_version")})
+        info.append({"path": str(path), "rows": frame.height, "prices_version": meta.get("prices_version")})
     data = _tier_index(pl.concat(frames, how="vertical_relaxed"), prices)
     has_usage = (pl.col("input_tokens") + pl.col("output_tokens")) > 0
     classes = list(dict.fromkeys([*by, "model", "tier", "thinking"]))
-    sums = (data.group_by(classes, maintain_order=True)
-            .agg(pl.len().alias("rows"), *[pl.col(c).sum() for c in TOKEN_COLUMNS],
-                 has_usage.sum().alias("billed_rows")))
+    sums = data.group_by(classes, maintain_order=True).agg(
+        pl.len().alias("rows"),
+        *[pl.col(c).sum() for c in TOKEN_COLUMNS],
+        has_usage.sum().alias("billed_rows"),
+    )
 
     lines: dict[tuple[Any, ...], Line] = {}
     total = Line({k: None for k in by})
@@ -175,21 +208,22 @@ def build_report(paths: list[str], prices: PriceTable, by: tuple[str, ...]) -> R
             continue
         tier = price.tiers[row["tier"]]
         cached = row["cached_tokens"]
-        out_price = tier.output_thinking if row["thinking"] and tier.output_thinking is not None \
-            else tier.output
-        cost = ((row["input_tokens"] - cached) * tier.input
-                + cached * tier.input * prices.cached_ratio
-                + row["output_tokens"] * out_price) / Decimal(1_000_000)
+        out_price = (
+            tier.output_thinking if row["thinking"] and tier.output_thinking is not None else tier.output
+        )
+        cost = (
+            (row["input_tokens"] - cached) * tier.input
+            + cached * tier.input * prices.cached_ratio
+            + row["output_tokens"] * out_price
+        ) / Decimal(1_000_000)
         line.cost += cost
         total.cost += cost
-    ordered = sorted(lines.values(), key=lambda ln: tuple(
-        (v is None, str(v)) for v in ln.key.values()))
+    ordered = sorted(lines.values(), key=lambda ln: tuple((v is None, str(v)) for v in ln.key.values()))
     return Report(by, ordered, total, prices, unpriced, info)
 
 
 # -- rendering ---------------------------------------------------------------------------------
-HEADERS = ("rows", "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens",
-           "cost_usd")
+HEADERS = ("rows", "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "cost_usd")
 
 
 def _money(line: Line) -> str:
@@ -210,21 +244,39 @@ def _cells(line: Line, by: tuple[str, ...], label: str | None = None) -> list[st
 def render(report: Report, fmt: str) -> str:
     by = report.by
     if fmt == "json":
-        return json.dumps({
-            "prices": {"version": report.prices.version, "as_of": report.prices.as_of,
-                       "region": report.prices.region, "overrides": report.prices.overrides},
-            "by": list(by), "groups": [line.as_dict() for line in report.lines],
-            "total": {k: v for k, v in report.total.as_dict().items() if k not in by},
-            "unpriced_models": report.unpriced_models, "files": report.files,
-        }, indent=2, ensure_ascii=False)
+        return json.dumps(
+            {
+                "prices": {
+                    "version": report.prices.version,
+                    "as_of": report.prices.as_of,
+                    "region": report.prices.region,
+                    "overrides": report.prices.overrides,
+                },
+                "by": list(by),
+                "groups": [line.as_dict() for line in report.lines],
+                "total": {k: v for k, v in report.total.as_dict().items() if k not in by},
+                "unpriced_models": report.unpriced_models,
+                "files": report.files,
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
     headers = [*by, *HEADERS]
     if fmt == "csv":
-        def csv_row(line: Line, keys: list[str]) -> list[str]:
-            return [*keys, str(line.rows), *[str(line.tokens[c]) for c in TOKEN_COLUMNS],
-                    "" if line.all_unpriced else exact(line.cost), str(line.unpriced_rows)]
 
-        rows = [csv_row(line, ["" if line.key[k] is None else str(line.key[k]) for k in by])
-                for line in report.lines]
+        def csv_row(line: Line, keys: list[str]) -> list[str]:
+            return [
+                *keys,
+                str(line.rows),
+                *[str(line.tokens[c]) for c in TOKEN_COLUMNS],
+                "" if line.all_unpriced else exact(line.cost),
+                str(line.unpriced_rows),
+            ]
+
+        rows = [
+            csv_row(line, ["" if line.key[k] is None else str(line.key[k]) for k in by])
+            for line in report.lines
+        ]
         rows.append(csv_row(report.total, ["TOTAL", *[""] * (len(by) - 1)]))
         frame = pl.DataFrame(rows, schema=[*headers, "unpriced_rows"], orient="row")
         return frame.write_csv().rstrip("\n")
@@ -232,20 +284,25 @@ def render(report: Report, fmt: str) -> str:
     total = _cells(report.total, by, label="TOTAL")
     notes = [f"prices: {report.prices.describe()}"]
     for model, entry in sorted(report.unpriced_models.items()):
-        notes.append(f"unpriced: {model} ({entry['rows']:,} rows, {entry['tokens']:,} tokens) "
-                     "has no price in the table; add it with --prices FILE")
+        notes.append(
+            f"unpriced: {model} ({entry['rows']:,} rows, {entry['tokens']:,} tokens) "
+            "has no price in the table; add it with --prices FILE"
+        )
     if fmt == "markdown":
-        lines = ["| " + " | ".join(headers) + " |",
-                 "|" + "|".join("---" if i < len(by) else "---:" for i in range(len(headers))) + "|"]
+        lines = [
+            "| " + " | ".join(headers) + " |",
+            "|" + "|".join("---" if i < len(by) else "---:" for i in range(len(headers))) + "|",
+        ]
         lines += ["| " + " | ".join(row) + " |" for row in body]
         lines.append("| " + " | ".join(f"**{c}**" if c else "" for c in total) + " |")
         return "\n".join([*lines, "", *notes])
     widths = [max(len(r[i]) for r in [headers, *body, total]) for i in range(len(headers))]
 
     def fmt_row(row: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < len(by) else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+        return "  ".join(
+            c.ljust(w) if i < len(by) else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt_row(headers), rule, *map(fmt_row, body), rule, fmt_row(total), "",
-                      *notes])
+    return "\n".join([fmt_row(headers), rule, *map(fmt_row, body), rule, fmt_row(total), "", *notes])

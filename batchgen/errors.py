@@ -40,8 +40,14 @@ class FatalAPIError(BatchgenError):
 
     exit_code = EXIT_ABORTED
 
-    def __init__(self, message: str, *, code: str | None = None, http_status: int | None = None,
-                 result: RunResult | Any = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        http_status: int | None = None,
+        result: RunResult | Any = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.http_status = http_status

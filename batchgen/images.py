@@ -24,10 +24,18 @@ IMAGE_NOT_FOUND = "batchgen.ImageNotFound"
 BAD_IMAGE = "batchgen.InvalidImage"
 
 # What DashScope's VL models read (its documented image formats).
-MIME_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
-              ".jpe": "image/jpeg", ".webp": "image/webp", ".gif": "image/gif",
-              ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff",
-              ".heic": "image/heic"}
+MIME_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".jpe": "image/jpeg",
+    ".webp": "image/webp",
+    ".gif": "image/gif",
+    ".bmp": "image/bmp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+    ".heic": "image/heic",
+}
 _REMOTE = ("http://", "https://", "data:", "oss://")
 
 
@@ -68,15 +76,18 @@ def resolve(ref: str, root: Path) -> str | RowProblem:
     if not path.is_absolute():
         path = root / path
     if path.suffix.lower() not in MIME_TYPES:
-        return RowProblem(BAD_IMAGE, f"{ref} is not an image type DashScope reads (png, jpeg, "
-                                     "webp, gif, bmp, tiff, heic)")
+        return RowProblem(
+            BAD_IMAGE, f"{ref} is not an image type DashScope reads (png, jpeg, webp, gif, bmp, tiff, heic)"
+        )
     try:
         stat = path.stat()
     except OSError:
         stat = None
     if stat is None or not path.is_file():
-        return RowProblem(IMAGE_NOT_FOUND, f"image file {path} does not exist (relative paths "
-                                           "are read from the input table's folder)")
+        return RowProblem(
+            IMAGE_NOT_FOUND,
+            f"image file {path} does not exist (relative paths are read from the input table's folder)",
+        )
     return f"{path.resolve().as_uri()}#{stat.st_size}-{stat.st_mtime_ns}"
 
 
@@ -94,6 +105,7 @@ def _checked(ref: str, root: Path) -> str:
 
 def local_parts(messages: list[dict[str, Any]], root: Path) -> list[dict[str, Any]] | RowProblem:
     """``file:`` images inside messages (a messages column), resolved like a column's cells."""
+
     def part(p: Any) -> Any:
         if not isinstance(p, dict):
             return p
@@ -106,8 +118,10 @@ def local_parts(messages: list[dict[str, Any]], root: Path) -> list[dict[str, An
         return p
 
     try:
-        return [{**m, "content": [part(p) for p in m["content"]]}
-                if isinstance(m.get("content"), list) else m for m in messages]
+        return [
+            {**m, "content": [part(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
+            for m in messages
+        ]
     except _Refused as refused:
         return refused.problem
 
@@ -128,9 +142,12 @@ def row_images(cells: list[Any], root: Path) -> list[str] | RowProblem:
                 encoded += 4 * -(-int(resolved.rsplit("#", 1)[1].split("-")[0]) // 3)
             images.append(resolved)
     if encoded > MAX_BODY_BASE64:
-        return RowProblem(TOO_LARGE, f"the row's image files take {encoded / 2**20:.1f} MiB as "
-                                     f"base64, over DashScope's {MAX_BODY_BASE64 // 2**20} MiB "
-                                     "request limit: send fewer or smaller images, or URLs")
+        return RowProblem(
+            TOO_LARGE,
+            f"the row's image files take {encoded / 2**20:.1f} MiB as "
+            f"base64, over DashScope's {MAX_BODY_BASE64 // 2**20} MiB "
+            "request limit: send fewer or smaller images, or URLs",
+        )
     return images
 
 
@@ -140,8 +157,11 @@ def attach(messages: list[dict[str, Any]], images: list[str]) -> list[dict[str, 
         if messages[i].get("role") == "user":
             content = messages[i]["content"]
             parts = [{"text": content}] if isinstance(content, str) else list(content)
-            return [*messages[:i], {**messages[i], "content": [{"image": u} for u in images]
-                                    + parts}, *messages[i + 1:]]
+            return [
+                *messages[:i],
+                {**messages[i], "content": [{"image": u} for u in images] + parts},
+                *messages[i + 1 :],
+            ]
     return messages
 
 
@@ -154,8 +174,9 @@ def data_uri(reference: str) -> str:
     path = _path_of(reference.split("#", 1)[0])
     mime = MIME_TYPES.get(path.suffix.lower())
     if mime is None:
-        raise ValueError(f"{path} is not an image type DashScope reads (png, jpeg, webp, gif, "
-                         "bmp, tiff, heic)")
+        raise ValueError(
+            f"{path} is not an image type DashScope reads (png, jpeg, webp, gif, bmp, tiff, heic)"
+        )
     encoded = base64.b64encode(path.read_bytes()).decode("ascii")
     return f"data:{mime};base64,{encoded}"
 
@@ -175,12 +196,12 @@ def portable(body: dict[str, Any], root: Path | None) -> dict[str, Any]:
 def has_local(body: dict[str, Any]) -> bool:
     """Whether any content part of the body is a local file (cheap for text-only bodies)."""
     messages = body["input"]["messages"] if "input" in body else body["messages"]
-    return any(isinstance(m.get("content"), list) and '"file:' in json.dumps(m["content"])
-               for m in messages)
+    return any(isinstance(m.get("content"), list) and '"file:' in json.dumps(m["content"]) for m in messages)
 
 
 def materialize(body: dict[str, Any]) -> dict[str, Any]:
     """The body to send: every local image reference replaced by its bytes, native or OpenAI."""
+
     def part(p: Any) -> Any:
         if not isinstance(p, dict):
             return p
@@ -197,6 +218,8 @@ def materialize(body: dict[str, Any]) -> dict[str, Any]:
         return {**m, "content": [part(p) for p in content]} if isinstance(content, list) else m
 
     if "input" in body:
-        return {**body, "input": {**body["input"],
-                                  "messages": [message(m) for m in body["input"]["messages"]]}}
+        return {
+            **body,
+            "input": {**body["input"], "messages": [message(m) for m in body["input"]["messages"]]},
+        }
     return {**body, "messages": [message(m) for m in body["messages"]]}

@@ -20,9 +20,15 @@ from typing import Any
 from batchgen.errors import UsageError
 
 # Job-file key -> the run command's parameter name, where they differ.
-RENAMED = {"input": "input_path", "output": "output_path", "system": "system_prompt",
-           "parameters": "params", "summary": "summary_path", "prices": "prices_path",
-           "image_column": "image_columns"}
+RENAMED = {
+    "input": "input_path",
+    "output": "output_path",
+    "system": "system_prompt",
+    "parameters": "params",
+    "summary": "summary_path",
+    "prices": "prices_path",
+    "image_column": "image_columns",
+}
 # One-off decisions, made on the command line only.
 NOT_IN_JOBS = frozenset({"job", "job_path", "fresh", "dry_run"})
 PATH_KEYS = ("input_path", "output_path", "summary_path")  # where placeholders are filled
@@ -43,8 +49,14 @@ def load_job(path: str | Path) -> dict[str, Any]:
 
 
 def _type_name(value: Any) -> str:
-    return {bool: "true/false", int: "a whole number", float: "a number", str: "a string",
-            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+    return {
+        bool: "true/false",
+        int: "a whole number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
 
 
 def check_value(job: str, key: str, value: Any, expected: str) -> Any:
@@ -54,14 +66,19 @@ def check_value(job: str, key: str, value: Any, expected: str) -> Any:
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, int | float) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
-        "strs": isinstance(value, str) or (isinstance(value, list)
-                                           and all(isinstance(v, str) for v in value)),
+        "strs": isinstance(value, str)
+        or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
         "table": isinstance(value, dict),
     }[expected]
     if not ok:
-        want = {"str": "a string", "int": "a whole number", "float": "a number",
-                "bool": "true or false", "strs": "a string or a list of strings",
-                "table": "a table ([parameters])"}[expected]
+        want = {
+            "str": "a string",
+            "int": "a whole number",
+            "float": "a number",
+            "bool": "true or false",
+            "strs": "a string or a list of strings",
+            "table": "a table ([parameters])",
+        }[expected]
         raise UsageError(f"{job}: {key!r} must be {want}, got {_type_name(value)} {value!r}")
     if expected == "float":
         return float(value)

@@ -58,8 +58,9 @@ def journal_path(output: str | os.PathLike[str]) -> Path:
 
 def request_hash(body: Mapping[str, Any], endpoint: str = "") -> str:
     """A stable digest of what a request asks for, and of whom; any change means a new request."""
-    canonical = json.dumps({"endpoint": endpoint, "body": body}, sort_keys=True,
-                           ensure_ascii=False, separators=(",", ":"))
+    canonical = json.dumps(
+        {"endpoint": endpoint, "body": body}, sort_keys=True, ensure_ascii=False, separators=(",", ":")
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -74,8 +75,7 @@ class Entry:
 
     def answers(self, digest: str, *, retry_errors: bool) -> bool:
         """Whether this entry stands for the request ``digest`` so it need not be sent again."""
-        return self.request_hash == digest and (
-            self.status == "ok" or (self.final and not retry_errors))
+        return self.request_hash == digest and (self.status == "ok" or (self.final and not retry_errors))
 
 
 def row_keys(frame: Any, id_column: str | None, offset: int) -> list[str]:
@@ -119,8 +119,10 @@ class Journal:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise LockedError(f"another batchgen run (pid {holder}) is writing {output}: wait for "
-                              "it to finish, or give this run another -o") from None
+            raise LockedError(
+                f"another batchgen run (pid {holder}) is writing {output}: wait for "
+                "it to finish, or give this run another -o"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
@@ -135,8 +137,10 @@ class Journal:
             self._db.execute("SELECT key, request_hash, status, final, result FROM rows LIMIT 1")
         except sqlite3.Error as exc:
             self.close_db()
-            raise UsageError(f"{self.path} is not a batchgen journal ({exc}): move it away, or "
-                             "pass --fresh to start this output over") from None
+            raise UsageError(
+                f"{self.path} is not a batchgen journal ({exc}): move it away, or "
+                "pass --fresh to start this output over"
+            ) from None
 
     def discard(self) -> None:
         """``--fresh``: forget every recorded row (the lock is already held)."""
@@ -168,11 +172,11 @@ class Journal:
         assert self._db is not None
         found: dict[str, Entry] = {}
         for start in range(0, len(keys), 900):  # SQLite's bound-parameter limit is 999
-            chunk = keys[start:start + 900]
+            chunk = keys[start : start + 900]
             marks = ",".join("?" * len(chunk))
             for key, h, status, final, result in self._db.execute(
-                    f"SELECT key, request_hash, status, final, result FROM rows WHERE key IN ({marks})",
-                    chunk):
+                f"SELECT key, request_hash, status, final, result FROM rows WHERE key IN ({marks})", chunk
+            ):
                 found[key] = Entry(h, status, bool(final), json.loads(result))
         return found
 
@@ -185,6 +189,7 @@ class Journal:
         """Commit one finished row (``result`` is a RowResult); returns once it is in the WAL."""
         assert self._db is not None
         columns = {name: _encode(value) for name, value in asdict(result).items()}
-        self._db.execute("INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?, ?)",
-                         (key, digest, result.status, int(final),
-                          json.dumps(columns, ensure_ascii=False)))
+        self._db.execute(
+            "INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?, ?)",
+            (key, digest, result.status, int(final), json.dumps(columns, ensure_ascii=False)),
+        )

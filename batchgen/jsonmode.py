@@ -35,8 +35,10 @@ def load_schema(path: Path) -> dict[str, Any]:
     except ValueError as exc:
         raise UsageError(f"--json-schema {path} is not valid JSON ({exc})") from None
     if not isinstance(schema, dict):
-        raise UsageError(f"--json-schema {path} must hold a JSON Schema object, e.g. "
-                         '{"type": "object", "properties": {...}}')
+        raise UsageError(
+            f"--json-schema {path} must hold a JSON Schema object, e.g. "
+            '{"type": "object", "properties": {...}}'
+        )
     import jsonschema
 
     try:
@@ -53,14 +55,19 @@ def schema_supported(model: str, parameters: Mapping[str, Any], dashscope: bool 
     return bool(_SCHEMA_MODELS.match(model.lower())) and parameters.get("enable_thinking") is not True
 
 
-def response_format(model: str, parameters: Mapping[str, Any], *, json_mode: bool,
-                    schema: Mapping[str, Any] | None, name: str = "reply",
-                    dashscope: bool = True) -> dict[str, Any] | None:
+def response_format(
+    model: str,
+    parameters: Mapping[str, Any],
+    *,
+    json_mode: bool,
+    schema: Mapping[str, Any] | None,
+    name: str = "reply",
+    dashscope: bool = True,
+) -> dict[str, Any] | None:
     """The ``response_format`` to send, or None when replies are free text."""
     if schema is not None and schema_supported(model, parameters, dashscope):
         safe = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64] or "reply"
-        return {"type": "json_schema",
-                "json_schema": {"name": safe, "schema": dict(schema), "strict": True}}
+        return {"type": "json_schema", "json_schema": {"name": safe, "schema": dict(schema), "strict": True}}
     if schema is not None or json_mode:
         return dict(JSON_OBJECT)
     return None
@@ -70,21 +77,28 @@ def mentions_json(messages: list[dict[str, Any]]) -> bool:
     """Whether any message's text says "json" (any case), as DashScope's JSON mode demands."""
     for message in messages:
         content = message.get("content")
-        texts = [content] if isinstance(content, str) else [
-            p.get("text", "") for p in content or [] if isinstance(p, dict)]
+        texts = (
+            [content]
+            if isinstance(content, str)
+            else [p.get("text", "") for p in content or [] if isinstance(p, dict)]
+        )
         if any(isinstance(t, str) and "json" in t.lower() for t in texts):
             return True
     return False
 
 
 def json_word_problem() -> RowProblem:
-    return RowProblem(NO_JSON_WORD, 'JSON mode needs the word "json" in the messages '
-                                    "(DashScope refuses the request without it): say it in the "
-                                    "prompt, the template or --system; the row was not sent")
+    return RowProblem(
+        NO_JSON_WORD,
+        'JSON mode needs the word "json" in the messages '
+        "(DashScope refuses the request without it): say it in the "
+        "prompt, the template or --system; the row was not sent",
+    )
 
 
-def reply_checker(parameters: Mapping[str, Any],
-                  schema: Mapping[str, Any] | None) -> Callable[[str | None], bool] | None:
+def reply_checker(
+    parameters: Mapping[str, Any], schema: Mapping[str, Any] | None
+) -> Callable[[str | None], bool] | None:
     """A test of one reply for ``reply_json_valid``; None when the run is not in JSON mode."""
     fmt = parameters.get("response_format")
     kind = fmt.get("type") if isinstance(fmt, Mapping) else None

@@ -35,8 +35,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def setup_logging(log_format: str = "text", *, quiet: bool = False,
-                  stream: TextIO | None = None) -> logging.Logger:
+def setup_logging(
+    log_format: str = "text", *, quiet: bool = False, stream: TextIO | None = None
+) -> logging.Logger:
     """Send batchgen's records to stderr in ``log_format``; ``quiet`` keeps warnings and errors."""
     logger = logging.getLogger(LOGGER)
     for handler in list(logger.handlers):

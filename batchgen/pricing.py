@@ -47,14 +47,23 @@ class ModelPrice:
                 return tier
         return self.tiers[-1]  # longer than the table knows: the dearest tier, never cheaper
 
-    def cost(self, *, input_tokens: int, output_tokens: int, cached_tokens: int = 0,
-             thinking: bool = False, cached_ratio: Decimal = Decimal("0.2")) -> Decimal:
+    def cost(
+        self,
+        *,
+        input_tokens: int,
+        output_tokens: int,
+        cached_tokens: int = 0,
+        thinking: bool = False,
+        cached_ratio: Decimal = Decimal("0.2"),
+    ) -> Decimal:
         tier = self.tier(input_tokens)
         cached = min(max(cached_tokens, 0), input_tokens)
-        out_price = tier.output_thinking if thinking and tier.output_thinking is not None \
-            else tier.output
-        return ((input_tokens - cached) * tier.input + cached * tier.input * cached_ratio
-                + output_tokens * out_price) / MILLION
+        out_price = tier.output_thinking if thinking and tier.output_thinking is not None else tier.output
+        return (
+            (input_tokens - cached) * tier.input
+            + cached * tier.input * cached_ratio
+            + output_tokens * out_price
+        ) / MILLION
 
 
 @dataclass(frozen=True)
@@ -79,8 +88,7 @@ class PriceTable:
 
     def describe(self) -> str:
         extra = f", overridden by {self.overrides}" if self.overrides else ""
-        return (f"batchgen price table {self.version} (as of {self.as_of}, region {self.region}"
-                f"{extra})")
+        return f"batchgen price table {self.version} (as of {self.as_of}, region {self.region}{extra})"
 
 
 def _decimal(value: Any, where: str) -> Decimal:
@@ -99,9 +107,14 @@ def _model(name: str, entry: Mapping[str, Any], where: str) -> ModelPrice:
         if not isinstance(t, dict) or not isinstance(t.get("up_to"), int):
             raise UsageError(f"{at} needs 'up_to' (input tokens, a whole number)")
         thinking = t.get("output_thinking")
-        tiers.append(Tier(t["up_to"], _decimal(t.get("input"), f"{at} 'input'"),
-                          _decimal(t.get("output"), f"{at} 'output'"),
-                          None if thinking is None else _decimal(thinking, f"{at} 'output_thinking'")))
+        tiers.append(
+            Tier(
+                t["up_to"],
+                _decimal(t.get("input"), f"{at} 'input'"),
+                _decimal(t.get("output"), f"{at} 'output'"),
+                None if thinking is None else _decimal(thinking, f"{at} 'output_thinking'"),
+            )
+        )
     if [t.up_to for t in tiers] != sorted({t.up_to for t in tiers}):
         raise UsageError(f"{where}: {name}'s tiers must have increasing 'up_to'")
     limit = entry.get("max_output_tokens")
@@ -111,8 +124,7 @@ def _model(name: str, entry: Mapping[str, Any], where: str) -> ModelPrice:
 def _read(path: Path | None) -> dict[str, Any]:
     try:
         if path is None:
-            return tomllib.loads(resources.files("batchgen").joinpath("data/prices.toml")
-                                 .read_text("utf-8"))
+            return tomllib.loads(resources.files("batchgen").joinpath("data/prices.toml").read_text("utf-8"))
         return tomllib.loads(path.read_text("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"price file not found: {path}") from None
@@ -122,8 +134,12 @@ def _read(path: Path | None) -> dict[str, Any]:
         raise UsageError(f"cannot read the price file {path}: {exc.strerror or exc}") from None
 
 
-def load_prices(overrides: str | os.PathLike[str] | None = None, *, region: str = "intl",
-                environ: Mapping[str, str] = os.environ) -> PriceTable:
+def load_prices(
+    overrides: str | os.PathLike[str] | None = None,
+    *,
+    region: str = "intl",
+    environ: Mapping[str, str] = os.environ,
+) -> PriceTable:
     """The built-in table for ``region``, with ``overrides`` (or ``$BATCHGEN_PRICES``) merged in."""
     base = _read(None)
     override_path = overrides or environ.get(ENV_PRICES) or None
@@ -132,39 +148,55 @@ def load_prices(overrides: str | os.PathLike[str] | None = None, *, region: str 
     extra_regions = extra.get("regions", {})
     where = str(override_path) if override_path else "the built-in price table"
     if not isinstance(extra_regions, dict) or not all(
-            isinstance(t, dict) and isinstance(t.get("models", {}), dict)
-            for t in extra_regions.values()):
-        raise UsageError(f"{where}: [regions.NAME] must be tables, each with a [regions.NAME.models] "
-                         "table (see batchgen/data/prices.toml)")
+        isinstance(t, dict) and isinstance(t.get("models", {}), dict) for t in extra_regions.values()
+    ):
+        raise UsageError(
+            f"{where}: [regions.NAME] must be tables, each with a [regions.NAME.models] "
+            "table (see batchgen/data/prices.toml)"
+        )
     for name, table in extra_regions.items():
         merged = {**regions.get(name, {}), **{k: v for k, v in table.items() if k != "models"}}
         merged["models"] = {**regions.get(name, {}).get("models", {}), **table.get("models", {})}
         regions[name] = merged
     if region not in regions:
-        raise UsageError(f"the price table has no prices for region {region!r} (it has "
-                         f"{', '.join(regions)}): add them with --prices FILE")
+        raise UsageError(
+            f"the price table has no prices for region {region!r} (it has "
+            f"{', '.join(regions)}): add them with --prices FILE"
+        )
     chosen = regions[region]
-    models = {name: _model(name, entry if isinstance(entry, dict) else {}, where)
-              for name, entry in chosen.get("models", {}).items()}
+    models = {
+        name: _model(name, entry if isinstance(entry, dict) else {}, where)
+        for name, entry in chosen.get("models", {}).items()
+    }
     version = str(extra.get("version") or base["version"])
     if override_path and "version" not in extra:
         version = f"{base['version']}+{Path(override_path).name}"
     return PriceTable(
-        version=version, as_of=str(extra.get("as_of") or base["as_of"]), region=region,
+        version=version,
+        as_of=str(extra.get("as_of") or base["as_of"]),
+        region=region,
         source=str(chosen.get("source", "")),
-        cached_ratio=_decimal(extra.get("cached_input_ratio", base["cached_input_ratio"]),
-                              "cached_input_ratio"),
+        cached_ratio=_decimal(
+            extra.get("cached_input_ratio", base["cached_input_ratio"]), "cached_input_ratio"
+        ),
         batch_ratio=_decimal(extra.get("batch_ratio", base["batch_ratio"]), "batch_ratio"),
-        models=models, overrides=str(override_path) if override_path else None)
+        models=models,
+        overrides=str(override_path) if override_path else None,
+    )
 
 
 def region_of(base_url: str) -> str:
     """The price region of an endpoint: the public hosts and workspace hosts are known."""
     host = base_url.split("//", 1)[-1].split("/", 1)[0]
-    for needle, region in (("dashscope-intl", "intl"), ("ap-southeast-1", "intl"),
-                           ("dashscope-us", "us"), ("us-east-1", "us"),
-                           ("cn-hongkong", "hk"), ("cn-beijing", "cn"),
-                           ("dashscope.aliyuncs.com", "cn")):
+    for needle, region in (
+        ("dashscope-intl", "intl"),
+        ("ap-southeast-1", "intl"),
+        ("dashscope-us", "us"),
+        ("us-east-1", "us"),
+        ("cn-hongkong", "hk"),
+        ("cn-beijing", "cn"),
+        ("dashscope.aliyuncs.com", "cn"),
+    ):
         if needle in host:
             return region
     return "intl"

@@ -47,9 +47,11 @@ def status_line(stats: RunStats, *, bar: bool = False) -> str:
     if stats.resumed:
         head += f" ({stats.resumed:,} resumed)"
     errors = f"{stats.error:,} error{'s' if stats.error != 1 else ''}"
-    return (f"{head} · {rate:.1f} rows/s{_admitted(stats)} · ETA {eta} · tokens "
-            f"{_count(stats.input_tokens)} in / {_count(stats.output_tokens)} out{_cost(stats)}"
-            f" · {errors}")
+    return (
+        f"{head} · {rate:.1f} rows/s{_admitted(stats)} · ETA {eta} · tokens "
+        f"{_count(stats.input_tokens)} in / {_count(stats.output_tokens)} out{_cost(stats)}"
+        f" · {errors}"
+    )
 
 
 def _admitted(stats: RunStats) -> str:
@@ -73,16 +75,19 @@ def _cost(stats: RunStats) -> str:
 
 def summary_line(stats: RunStats) -> str:
     """The one line printed at the end of every run."""
-    return (f"{stats.total:,} rows: {stats.ok:,} ok, {stats.error:,} error, "
-            f"{stats.skipped:,} skipped · tokens in {stats.input_tokens:,}, out "
-            f"{stats.output_tokens:,}{_cost(stats)} · {stats.elapsed:.1f}s")
+    return (
+        f"{stats.total:,} rows: {stats.ok:,} ok, {stats.error:,} error, "
+        f"{stats.skipped:,} skipped · tokens in {stats.input_tokens:,}, out "
+        f"{stats.output_tokens:,}{_cost(stats)} · {stats.elapsed:.1f}s"
+    )
 
 
 class Progress:
     """An async callable for ``arun(progress=...)``: redraws until cancelled."""
 
-    def __init__(self, stream: TextIO | None = None, *, live: bool | None = None,
-                 interval: float | None = None) -> None:
+    def __init__(
+        self, stream: TextIO | None = None, *, live: bool | None = None, interval: float | None = None
+    ) -> None:
         stream = stream or sys.stderr
         self.stream = stream
         self.live = stream.isatty() if live is None else live
@@ -122,8 +127,19 @@ class JsonProgress:
     async def __call__(self, stats: RunStats) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            self.log.info("%s", status_line(stats), extra=event(
-                "progress", done=stats.done, total=stats.total, ok=stats.ok, error=stats.error,
-                resumed=stats.resumed, input_tokens=stats.input_tokens,
-                output_tokens=stats.output_tokens, elapsed_s=round(stats.elapsed, 1),
-                spent_usd=str(stats.spent) if stats.priced else None))
+            self.log.info(
+                "%s",
+                status_line(stats),
+                extra=event(
+                    "progress",
+                    done=stats.done,
+                    total=stats.total,
+                    ok=stats.ok,
+                    error=stats.error,
+                    resumed=stats.resumed,
+                    input_tokens=stats.input_tokens,
+                    output_tokens=stats.output_tokens,
+                    elapsed_s=round(stats.elapsed, 1),
+                    spent_usd=str(stats.spent) if stats.priced else None,
+                ),
+            )

@@ -36,12 +36,17 @@ class PromptSpec:
     image_root: Path | None = None  # where relative image paths are found (the input's folder)
 
     def __post_init__(self) -> None:
-        sources = [name for name, v in (("--prompt-column", self.prompt_column),
-                                        ("--template", self.template),
-                                        ("--messages-column", self.messages_column)) if v]
+        sources = [
+            name
+            for name, v in (
+                ("--prompt-column", self.prompt_column),
+                ("--template", self.template),
+                ("--messages-column", self.messages_column),
+            )
+            if v
+        ]
         if len(sources) > 1:
-            raise UsageError(f"{' and '.join(sources)} both say where the prompt comes from: "
-                             "keep one")
+            raise UsageError(f"{' and '.join(sources)} both say where the prompt comes from: keep one")
         if self.system is not None and self.system_column:
             raise UsageError("--system and --system-column both set the system prompt: keep one")
 
@@ -56,15 +61,18 @@ class PromptSpec:
         try:
             parsed = list(string.Formatter().parse(self.template))
         except ValueError as exc:
-            raise UsageError(f"--template is malformed ({exc}); write fields as {{column}} and "
-                             "literal braces as {{ and }}") from None
+            raise UsageError(
+                f"--template is malformed ({exc}); write fields as {{column}} and "
+                "literal braces as {{ and }}"
+            ) from None
         fields = []
         for _, name, _, _ in parsed:
             if name is None:
                 continue
             if not name or name.isdigit() or any(c in name for c in ".[]"):
-                raise UsageError(f"--template field {{{name}}} must name a column, "
-                                 "e.g. 'Summarize: {text}'")
+                raise UsageError(
+                    f"--template field {{{name}}} must name a column, e.g. 'Summarize: {{text}}'"
+                )
             fields.append(name)
         if not fields:
             raise UsageError("--template names no column: use fields like {text}")
@@ -84,8 +92,9 @@ class PromptSpec:
         return columns
 
 
-def check_columns(spec: PromptSpec, columns: Sequence[str],
-                  schema: Mapping[str, pl.DataType] | None = None) -> None:
+def check_columns(
+    spec: PromptSpec, columns: Sequence[str], schema: Mapping[str, pl.DataType] | None = None
+) -> None:
     """Fail early, listing what the table has, when the spec names a column it lacks.
 
     With ``schema``, also refuse text columns that hold lists or structs (a messages column
@@ -94,10 +103,16 @@ def check_columns(spec: PromptSpec, columns: Sequence[str],
     have = set(columns)
     for column in spec.required_columns():
         dtype = (schema or {}).get(column)
-        if dtype is not None and dtype.is_nested() and column != spec.messages_column \
-                and column not in spec.image_columns:
-            raise UsageError(f"column {column!r} holds {dtype}, not text: choose a text column "
-                             "or build the prompt with --template")
+        if (
+            dtype is not None
+            and dtype.is_nested()
+            and column != spec.messages_column
+            and column not in spec.image_columns
+        ):
+            raise UsageError(
+                f"column {column!r} holds {dtype}, not text: choose a text column "
+                "or build the prompt with --template"
+            )
     listing = ", ".join(columns)
     for column in spec.required_columns():
         if column in have:
@@ -135,27 +150,36 @@ def _parse_messages(cell: Any) -> list[dict[str, Any]] | RowProblem:
     else:  # a Parquet list-of-struct column arrives as Python lists of dicts
         value = cell
     if not isinstance(value, list) or not value:
-        return RowProblem(BAD_MESSAGES, "the messages cell must be a non-empty JSON array of "
-                                        '{"role": ..., "content": ...} objects')
+        return RowProblem(
+            BAD_MESSAGES,
+            'the messages cell must be a non-empty JSON array of {"role": ..., "content": ...} objects',
+        )
     messages = []
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or message.get("role") not in ROLES \
-                or not isinstance(message.get("content"), str | list):
-            return RowProblem(BAD_MESSAGES, f"message {i} needs a role (system, user, assistant "
-                                            "or tool) and a content")
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in ROLES
+            or not isinstance(message.get("content"), str | list)
+        ):
+            return RowProblem(
+                BAD_MESSAGES, f"message {i} needs a role (system, user, assistant or tool) and a content"
+            )
         # Typed storage (Parquet structs) gives every message every field, unset ones as null.
         message = {k: v for k, v in message.items() if v is not None}
         if isinstance(message["content"], list):
-            message["content"] = [{k: v for k, v in part.items() if v is not None}
-                                  if isinstance(part, dict) else part
-                                  for part in message["content"]]
+            message["content"] = [
+                {k: v for k, v in part.items() if v is not None} if isinstance(part, dict) else part
+                for part in message["content"]
+            ]
         messages.append(message)
     return messages
 
 
-def build_messages(spec: PromptSpec, frame: pl.DataFrame,
-                   raw_messages: Sequence[Any] | None = None,
-                   ) -> list[list[dict[str, Any]] | RowProblem]:
+def build_messages(
+    spec: PromptSpec,
+    frame: pl.DataFrame,
+    raw_messages: Sequence[Any] | None = None,
+) -> list[list[dict[str, Any]] | RowProblem]:
     """One message list (or the reason it cannot be sent) per row, in row order.
 
     ``raw_messages`` are the messages cells exactly as the file held them, for formats where
@@ -183,8 +207,9 @@ def build_messages(spec: PromptSpec, frame: pl.DataFrame,
     return out
 
 
-def _build_messages(spec: PromptSpec, frame: pl.DataFrame,
-                    raw_messages: Sequence[Any] | None) -> list[list[dict[str, Any]] | RowProblem]:
+def _build_messages(
+    spec: PromptSpec, frame: pl.DataFrame, raw_messages: Sequence[Any] | None
+) -> list[list[dict[str, Any]] | RowProblem]:
     check_columns(spec, frame.columns, frame.schema)
     n = frame.height
     if spec.system_column:
@@ -194,8 +219,7 @@ def _build_messages(spec: PromptSpec, frame: pl.DataFrame,
 
     out: list[list[dict[str, Any]] | RowProblem] = []
     if spec.messages_column:
-        cells = (raw_messages if raw_messages is not None
-                 else frame.get_column(spec.messages_column).to_list())
+        cells = raw_messages if raw_messages is not None else frame.get_column(spec.messages_column).to_list()
         for cell, system in zip(cells, systems, strict=True):
             messages = _parse_messages(cell)
             if isinstance(messages, list) and system and messages[0].get("role") != "system":
@@ -211,8 +235,9 @@ def _build_messages(spec: PromptSpec, frame: pl.DataFrame,
             values = {f: columns[f][i] for f in fields}
             missing = [f for f, v in values.items() if v is None]
             if missing:
-                prompts.append(RowProblem(EMPTY_PROMPT, f"template field {{{missing[0]}}} is null "
-                                                        "in this row"))
+                prompts.append(
+                    RowProblem(EMPTY_PROMPT, f"template field {{{missing[0]}}} is null in this row")
+                )
             else:
                 try:
                     prompts.append(spec.template.format_map(values))

@@ -39,8 +39,14 @@ REGION_BASE_URLS: dict[str, str] = {
 }
 # Region names as Alibaba Cloud writes them, accepted so DASHSCOPE_API_REGION set for the SDK works.
 REGION_ALIASES: dict[str, str] = {
-    "ap-southeast-1": "intl", "singapore": "intl", "us-east-1": "us", "virginia": "us",
-    "cn-beijing": "cn", "beijing": "cn", "cn-hongkong": "hk", "hongkong": "hk",
+    "ap-southeast-1": "intl",
+    "singapore": "intl",
+    "us-east-1": "us",
+    "virginia": "us",
+    "cn-beijing": "cn",
+    "beijing": "cn",
+    "cn-hongkong": "hk",
+    "hongkong": "hk",
 }
 
 # qwen3.5 / 3.6 / 3.7 answer "url error" on the text route even for text-only input;
@@ -92,8 +98,9 @@ def native_part(part: Any) -> Any:
     return {k: v for k, v in part.items() if k != "type"}
 
 
-def build_body(model: str, messages: list[dict[str, Any]], parameters: Mapping[str, Any],
-               route: Route) -> dict[str, Any]:
+def build_body(
+    model: str, messages: list[dict[str, Any]], parameters: Mapping[str, Any], route: Route
+) -> dict[str, Any]:
     """The request body: exactly ``model``, ``input`` and ``parameters``.
 
     On the multimodal route every message's content must be a list of parts, the system
@@ -102,13 +109,18 @@ def build_body(model: str, messages: list[dict[str, Any]], parameters: Mapping[s
     """
     if route == "multimodal":
         messages = [
-            {**m, "content": [{"text": m["content"]}]} if isinstance(m.get("content"), str)
+            {**m, "content": [{"text": m["content"]}]}
+            if isinstance(m.get("content"), str)
             else {**m, "content": [native_part(p) for p in m["content"]]}
-            if isinstance(m.get("content"), list) else m
+            if isinstance(m.get("content"), list)
+            else m
             for m in messages
         ]
-    return {"model": model, "input": {"messages": messages},
-            "parameters": {"result_format": "message", **parameters}}
+    return {
+        "model": model,
+        "input": {"messages": messages},
+        "parameters": {"result_format": "message", **parameters},
+    }
 
 
 def streamed_body(body: dict[str, Any]) -> dict[str, Any]:
@@ -132,9 +144,9 @@ class Reply:
 
 
 class Disposition(enum.Enum):
-    RETRY = "retry"          # transient: back off and send again
+    RETRY = "retry"  # transient: back off and send again
     ROW_ERROR = "row_error"  # this row cannot succeed as sent; record it and go on
-    FATAL = "fatal"          # no row can succeed: stop the whole run
+    FATAL = "fatal"  # no row can succeed: stop the whole run
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,41 +217,65 @@ def parse_reply(body: Mapping[str, Any], request_id: str | None = None) -> Reply
 def _has_answer(body: Mapping[str, Any]) -> bool:
     """A reply body has ``output.choices`` (a list) or ``output.text``; anything else is garbage."""
     output = body.get("output")
-    return isinstance(output, dict) and (isinstance(output.get("choices"), list)
-                                         or isinstance(output.get("text"), str))
+    return isinstance(output, dict) and (
+        isinstance(output.get("choices"), list) or isinstance(output.get("text"), str)
+    )
 
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 # Codes after which no other row of the run can succeed either.
-_FATAL_CODES = frozenset({
-    "InvalidApiKey", "Arrearage", "AllocationQuota.FreeTierOnly", "Model.NotExist",
-    "ModelNotFound", "BadRequest.EmptyModel", "InvalidURL",
-    # OpenAI-compatible mode's names for the same verdicts
-    "invalid_api_key", "model_not_found", "insufficient_quota", "access_denied",
-})
+_FATAL_CODES = frozenset(
+    {
+        "InvalidApiKey",
+        "Arrearage",
+        "AllocationQuota.FreeTierOnly",
+        "Model.NotExist",
+        "ModelNotFound",
+        "BadRequest.EmptyModel",
+        "InvalidURL",
+        # OpenAI-compatible mode's names for the same verdicts
+        "invalid_api_key",
+        "model_not_found",
+        "insufficient_quota",
+        "access_denied",
+    }
+)
 # HTTP 200 bodies carrying one of these codes are transient server trouble, not a verdict.
-_RETRYABLE_CODE_PREFIXES = ("Throttling", "InternalError", "ServiceUnavailable", "GatewayTimeout",
-                            "RequestTimeOut", "SystemError", "internal_error", "server_error",
-                            "limit_requests", "rate_limit")
+_RETRYABLE_CODE_PREFIXES = (
+    "Throttling",
+    "InternalError",
+    "ServiceUnavailable",
+    "GatewayTimeout",
+    "RequestTimeOut",
+    "SystemError",
+    "internal_error",
+    "server_error",
+    "limit_requests",
+    "rate_limit",
+)
 
 
 def classify(http_status: int | None, code: str, message: str) -> Disposition:
     """What to do after an error: a pure function of what the server said."""
     lowered = message.lower()
-    if (code in _FATAL_CODES or code.startswith("AccessDenied")
-            or "free allocated quota exceeded" in lowered
-            or "model not exist" in lowered or "url error" in lowered
-            or "only support stream" in lowered or "non-streaming calls" in lowered
-            or "stream=false" in lowered):
+    if (
+        code in _FATAL_CODES
+        or code.startswith("AccessDenied")
+        or "free allocated quota exceeded" in lowered
+        or "model not exist" in lowered
+        or "url error" in lowered
+        or "only support stream" in lowered
+        or "non-streaming calls" in lowered
+        or "stream=false" in lowered
+    ):
         return Disposition.FATAL
     if http_status in (401, 403, 404):
         return Disposition.FATAL
     if http_status in RETRYABLE_STATUSES:
         return Disposition.RETRY
     if http_status == 200 or http_status is None:
-        return (Disposition.RETRY if code.startswith(_RETRYABLE_CODE_PREFIXES)
-                else Disposition.ROW_ERROR)
+        return Disposition.RETRY if code.startswith(_RETRYABLE_CODE_PREFIXES) else Disposition.ROW_ERROR
     return Disposition.ROW_ERROR  # 400 InvalidParameter, DataInspectionFailed, 413, ...
 
 
@@ -262,10 +298,14 @@ def load_body(http_status: int, headers: Mapping[str, str], raw: bytes) -> dict[
     code = "batchgen.BadResponse"
     detail = raw[:120].decode("utf-8", "replace").strip() or "empty body"
     message = f"HTTP {http_status} with a body that is not a JSON object: {detail}"
-    disposition = (Disposition.RETRY if http_status in RETRYABLE_STATUSES or http_status < 400
-                   else classify(http_status, code, message))
-    return APIError(http_status, code, message, headers.get("x-request-id"), disposition,
-                    _retry_after(headers))
+    disposition = (
+        Disposition.RETRY
+        if http_status in RETRYABLE_STATUSES or http_status < 400
+        else classify(http_status, code, message)
+    )
+    return APIError(
+        http_status, code, message, headers.get("x-request-id"), disposition, _retry_after(headers)
+    )
 
 
 def interpret(http_status: int, headers: Mapping[str, str], raw: bytes) -> Reply | APIError:
@@ -283,14 +323,19 @@ def interpret(http_status: int, headers: Mapping[str, str], raw: bytes) -> Reply
     if http_status == 200 and not code:
         if _has_answer(body):
             return parse_reply(body, header_id)
-        return APIError(http_status, "batchgen.BadResponse",
-                        f"HTTP 200 without output.choices: {raw[:120].decode('utf-8', 'replace')}",
-                        request_id if isinstance(request_id, str) else header_id,
-                        Disposition.RETRY, _retry_after(headers))
+        return APIError(
+            http_status,
+            "batchgen.BadResponse",
+            f"HTTP 200 without output.choices: {raw[:120].decode('utf-8', 'replace')}",
+            request_id if isinstance(request_id, str) else header_id,
+            Disposition.RETRY,
+            _retry_after(headers),
+        )
     code = str(code) if code else f"HTTP{http_status}"
     message = str(body.get("message") or "")
-    return APIError(http_status, code, message, request_id, classify(http_status, code, message),
-                    _retry_after(headers))
+    return APIError(
+        http_status, code, message, request_id, classify(http_status, code, message), _retry_after(headers)
+    )
 
 
 class StreamAssembler:
@@ -331,9 +376,13 @@ class StreamAssembler:
 
     def cut(self, why: str) -> APIError:
         """The stream ended early: sent again (``Caller`` adds what it was billed)."""
-        return APIError(200, "batchgen.StreamCut",
-                        f"{why} after {self.chunks} chunk{'s' if self.chunks != 1 else ''}",
-                        self.request_id, Disposition.RETRY)
+        return APIError(
+            200,
+            "batchgen.StreamCut",
+            f"{why} after {self.chunks} chunk{'s' if self.chunks != 1 else ''}",
+            self.request_id,
+            Disposition.RETRY,
+        )
 
     def billed(self) -> tuple[int, int] | None:
         """(input, output) tokens as the last usage seen says, for a stream that broke off.
@@ -348,22 +397,32 @@ class StreamAssembler:
         if not self.finished:
             return self.cut("the stream ended before its last chunk")
         usage = dict(self._usage)
-        if usage.get("total_tokens") is None and None not in (usage.get("input_tokens"),
-                                                               usage.get("output_tokens")):
+        if usage.get("total_tokens") is None and None not in (
+            usage.get("input_tokens"),
+            usage.get("output_tokens"),
+        ):
             usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]  # type: ignore[operator]
-        return Reply(content="".join(self._content), reasoning="".join(self._reasoning) or None,
-                     finish_reason=self._finish, request_id=self.request_id,
-                     **{name: usage.get(name) for name in _USAGE_FIELDS})
+        return Reply(
+            content="".join(self._content),
+            reasoning="".join(self._reasoning) or None,
+            finish_reason=self._finish,
+            request_id=self.request_id,
+            **{name: usage.get(name) for name in _USAGE_FIELDS},
+        )
 
 
-_USAGE_FIELDS = ("input_tokens", "output_tokens", "total_tokens", "cached_tokens",
-                 "reasoning_tokens")
+_USAGE_FIELDS = ("input_tokens", "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 
 
 def _stream_error(status: int, raw: str, request_id: str | None) -> APIError:
     detail = raw[:120].strip() or "empty"
-    return APIError(status, "batchgen.BadResponse", f"a stream event that is not a JSON object: "
-                    f"{detail}", request_id, Disposition.RETRY)
+    return APIError(
+        status,
+        "batchgen.BadResponse",
+        f"a stream event that is not a JSON object: {detail}",
+        request_id,
+        Disposition.RETRY,
+    )
 
 
 class NativeStream(StreamAssembler):
@@ -395,34 +454,56 @@ class NativeStream(StreamAssembler):
         return None
 
 
-_STREAM_HINT = ("this model or mode answers only streamed calls: drop --no-stream (batchgen "
-                "streams such models and every thinking request by itself), or turn thinking "
-                "off with --disable-thinking where the model allows it")
+_STREAM_HINT = (
+    "this model or mode answers only streamed calls: drop --no-stream (batchgen "
+    "streams such models and every thinking request by itself), or turn thinking "
+    "off with --disable-thinking where the model allows it"
+)
 
 # One line per fatal cause: what happened and what the user can do about it.
 _FATAL_HINTS: tuple[tuple[str, str], ...] = (
-    ("batchgen.Unreachable", "the service cannot be reached: check --base-url / --region, the "
-                             "network and any proxy (HTTPS_PROXY, NO_PROXY)"),
-    ("invalid_api_key", "the server rejected the API key: check DASHSCOPE_API_KEY (or "
-                        "OPENAI_API_KEY with --api openai) and its region"),
-    ("InvalidApiKey", "DashScope rejected the API key: check DASHSCOPE_API_KEY, and that the key "
-                      "belongs to the region of the base URL (--region / --base-url)"),
+    (
+        "batchgen.Unreachable",
+        "the service cannot be reached: check --base-url / --region, the "
+        "network and any proxy (HTTPS_PROXY, NO_PROXY)",
+    ),
+    (
+        "invalid_api_key",
+        "the server rejected the API key: check DASHSCOPE_API_KEY (or "
+        "OPENAI_API_KEY with --api openai) and its region",
+    ),
+    (
+        "InvalidApiKey",
+        "DashScope rejected the API key: check DASHSCOPE_API_KEY, and that the key "
+        "belongs to the region of the base URL (--region / --base-url)",
+    ),
     ("Arrearage", "the Alibaba Cloud account is overdue: top up the account, then re-run"),
-    ("AllocationQuota.FreeTierOnly", "the model's free tier is used up and the account is in "
-                                     "free-tier-only mode: turn that off in the Model Studio console"),
-    ("free allocated quota exceeded", "the free quota of this model is used up: enable paid usage "
-                                      "in the Model Studio console or pick another model"),
-    ("AccessDenied", "the account or workspace may not use this model: check the model name and "
-                     "--workspace / DASHSCOPE_WORKSPACE_ID, or buy access in the console"),
-    ("url error", "the model is not served on this route: qwen3.5+/VL/omni models need "
-                  "--endpoint multimodal, text models --endpoint text"),
+    (
+        "AllocationQuota.FreeTierOnly",
+        "the model's free tier is used up and the account is in "
+        "free-tier-only mode: turn that off in the Model Studio console",
+    ),
+    (
+        "free allocated quota exceeded",
+        "the free quota of this model is used up: enable paid usage "
+        "in the Model Studio console or pick another model",
+    ),
+    (
+        "AccessDenied",
+        "the account or workspace may not use this model: check the model name and "
+        "--workspace / DASHSCOPE_WORKSPACE_ID, or buy access in the console",
+    ),
+    (
+        "url error",
+        "the model is not served on this route: qwen3.5+/VL/omni models need "
+        "--endpoint multimodal, text models --endpoint text",
+    ),
     ("non-streaming calls", _STREAM_HINT),
     ("only support stream", _STREAM_HINT),
     ("model not exist", "no such model in this region: check -m/--model and --region"),
     ("Model.NotExist", "no such model in this region: check -m/--model and --region"),
     ("model_not_found", "no such model on this server: check -m/--model"),
-    ("insufficient_quota", "the account's quota or credit is used up: top it up or pick "
-                           "another model"),
+    ("insufficient_quota", "the account's quota or credit is used up: top it up or pick another model"),
     ("ModelNotFound", "no such model in this region: check -m/--model and --region"),
     ("NotFound", "the endpoint was not found: check --base-url / DASHSCOPE_HTTP_BASE_URL"),
 )
@@ -431,8 +512,10 @@ _FATAL_HINTS: tuple[tuple[str, str], ...] = (
 def fatal_hint(error: APIError) -> str:
     """The one-line explanation printed when a run stops on ``error``."""
     haystack = f"{error.code} {error.message}".lower()
-    hint = next((hint for needle, hint in _FATAL_HINTS if needle.lower() in haystack),
-                "the service refused the request for every row")
+    hint = next(
+        (hint for needle, hint in _FATAL_HINTS if needle.lower() in haystack),
+        "the service refused the request for every row",
+    )
     status = f"HTTP {error.http_status} " if error.http_status else ""
     said = f" ({error.message.strip()})" if error.message.strip() else ""
     return f"{status}{error.code}{said}: {hint}"

@@ -77,9 +77,15 @@ class _Rate:
 class Governor:
     """Requests per second and tokens per second for one run; see the module docstring."""
 
-    def __init__(self, rpm: float, tpm: float | None = None, *, adaptive: bool = True,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        rpm: float,
+        tpm: float | None = None,
+        *,
+        adaptive: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         start = START_FRACTION if adaptive else 1.0
         climb = (1.0 - START_FRACTION) / RAMP_SECONDS if adaptive else 0.0
         self.requests = _Rate(rpm / 60, start, climb)

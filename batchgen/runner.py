@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -205,8 +205,10 @@ class RunResult:
 def check_collisions(columns: list[str]) -> None:
     clashes = [c for c in columns if c in OUTPUT_SCHEMA]
     if clashes:
-        raise UsageError(f"input column {clashes[0]!r} has the name of an output column: rename it "
-                         f"(output columns: {', '.join(OUTPUT_COLUMNS)})")
+        raise UsageError(
+            f"input column {clashes[0]!r} has the name of an output column: rename it "
+            f"(output columns: {', '.join(OUTPUT_COLUMNS)})"
+        )
 
 
 def _now() -> datetime:
@@ -233,28 +235,42 @@ def request_body(config: RunConfig, messages: list[dict[str, Any]]) -> dict[str,
     same row are the same request.
     """
     fmt = config.parameters.get("response_format")
-    if config.dashscope and isinstance(fmt, dict) and fmt.get("type") == "json_object" \
-            and not mentions_json(messages):
+    if (
+        config.dashscope
+        and isinstance(fmt, dict)
+        and fmt.get("type") == "json_object"
+        and not mentions_json(messages)
+    ):
         return json_word_problem()
     if config.api == "openai":
         return compat.build_body(config.model, messages, config.parameters)
     return build_body(config.model, messages, config.parameters, config.effective_route)
 
 
-def _result_of(outcome: CallOutcome, model: str,
-               check_json: Callable[[str | None], bool] | None = None) -> tuple[RowResult, bool]:
+def _result_of(
+    outcome: CallOutcome, model: str, check_json: Callable[[str | None], bool] | None = None
+) -> tuple[RowResult, bool]:
     """The row's output columns, and whether that outcome is final (sending again would repeat it)."""
     if outcome.reply is not None:
         r = outcome.reply
         return RowResult(
-            status=OK, model=model, reply=r.content,
+            status=OK,
+            model=model,
+            reply=r.content,
             reply_json_valid=check_json(r.content) if check_json is not None else None,
             reasoning=r.reasoning,
-            finish_reason=r.finish_reason, request_id=r.request_id, input_tokens=r.input_tokens,
-            output_tokens=r.output_tokens, total_tokens=r.total_tokens,
-            cached_tokens=r.cached_tokens, reasoning_tokens=r.reasoning_tokens,
-            http_status=outcome.http_status, attempts=outcome.attempts,
-            latency_ms=outcome.latency_ms, finished_at=_now()), True
+            finish_reason=r.finish_reason,
+            request_id=r.request_id,
+            input_tokens=r.input_tokens,
+            output_tokens=r.output_tokens,
+            total_tokens=r.total_tokens,
+            cached_tokens=r.cached_tokens,
+            reasoning_tokens=r.reasoning_tokens,
+            http_status=outcome.http_status,
+            attempts=outcome.attempts,
+            latency_ms=outcome.latency_ms,
+            finished_at=_now(),
+        ), True
     error = outcome.error
     if error is None:  # the run stopped before this row's first attempt
         return RowResult(status=SKIPPED, model=model, attempts=0), False
@@ -271,14 +287,22 @@ def _result_of(outcome: CallOutcome, model: str,
         status = ERROR
         # A file that could not be read when the row was sent may be back next run.
         final = error.disposition is Disposition.ROW_ERROR and error.code != IMAGE_NOT_FOUND
-    return RowResult(status=status, model=model, request_id=error.request_id,
-                     error_code=error.code, error_message=message,
-                     http_status=outcome.http_status, attempts=outcome.attempts,
-                     latency_ms=outcome.latency_ms, finished_at=_now()), final
+    return RowResult(
+        status=status,
+        model=model,
+        request_id=error.request_id,
+        error_code=error.code,
+        error_message=message,
+        http_status=outcome.http_status,
+        attempts=outcome.attempts,
+        latency_ms=outcome.latency_ms,
+        finished_at=_now(),
+    ), final
 
 
-def _bill_cut_streams(outcome: CallOutcome, stats: RunStats, price: Any, outcome_model: str,
-                      parameters: dict[str, Any] | Any) -> Decimal:
+def _bill_cut_streams(
+    outcome: CallOutcome, stats: RunStats, price: Any, outcome_model: str, parameters: dict[str, Any] | Any
+) -> Decimal:
     """Streams cut midway are billed for what they generated: count it as spent, not lost."""
     billed_in, billed_out = outcome.billed
     if not (billed_in or billed_out):
@@ -289,8 +313,9 @@ def _bill_cut_streams(outcome: CallOutcome, stats: RunStats, price: Any, outcome
     stats.sent_output_tokens += billed_out
     if price is None:
         return Decimal(0)
-    cost = price.cost(input_tokens=billed_in, output_tokens=billed_out,
-                      thinking=thinks(outcome_model, parameters) is True)
+    cost = price.cost(
+        input_tokens=billed_in, output_tokens=billed_out, thinking=thinks(outcome_model, parameters) is True
+    )
     stats.spent += cost
     return cost
 
@@ -308,10 +333,14 @@ UNREACHABLE_ROWS = 5
 def _unreachable(config: RunConfig, outcome: CallOutcome) -> APIError:
     """Rows one after another exhausting every attempt without a connection: stop paying time."""
     assert outcome.error is not None
-    return APIError(None, "batchgen.Unreachable",
-                    f"{UNREACHABLE_ROWS} rows in a row got no answer from {config.base_url} in "
-                    f"{outcome.attempts} attempts each; last: {outcome.error.message}",
-                    None, Disposition.FATAL)
+    return APIError(
+        None,
+        "batchgen.Unreachable",
+        f"{UNREACHABLE_ROWS} rows in a row got no answer from {config.base_url} in "
+        f"{outcome.attempts} attempts each; last: {outcome.error.message}",
+        None,
+        Disposition.FATAL,
+    )
 
 
 def _from_journal(entry: Entry) -> RowResult:
@@ -336,19 +365,24 @@ class _Pending:
     enumerated: bool = False  # every row has been finished or handed out
 
 
-async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
-                       spec: PromptSpec = PromptSpec(), *,
-                       write: Callable[[pl.DataFrame], None],
-                       id_column: str | None = None,
-                       endpoint: str | None = None,
-                       journal: Journal | None = None,
-                       retry_errors: bool = False,
-                       control: RunControl | None = None,
-                       prices: PriceTable | None = None,
-                       budget: Budget | None = None,
-                       progress: Callable[[RunStats], Awaitable[None]] | None = None,
-                       sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                       transport: httpx.AsyncBaseTransport | None = None) -> RunResult:
+async def arun_batches(
+    batches: Iterable[Batch],
+    total: int,
+    config: RunConfig,
+    spec: PromptSpec = PromptSpec(),
+    *,
+    write: Callable[[pl.DataFrame], None],
+    id_column: str | None = None,
+    endpoint: str | None = None,
+    journal: Journal | None = None,
+    retry_errors: bool = False,
+    control: RunControl | None = None,
+    prices: PriceTable | None = None,
+    budget: Budget | None = None,
+    progress: Callable[[RunStats], Coroutine[Any, Any, None]] | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> RunResult:
     """Answer ``total`` rows arriving in ``batches``, handing each batch, answered, to ``write``.
 
     Batches go to ``write`` in input order, each once all its rows have finished; at most
@@ -373,19 +407,18 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
     max_tokens = config.parameters.get("max_tokens")
     pending: deque[_Pending] = deque()
     room = asyncio.Event()  # set when a batch has been written
-    queue: asyncio.Queue[tuple[_Pending, int, str, dict[str, Any], str] | None] = \
-        asyncio.Queue(maxsize=2 * config.concurrency)
+    queue: asyncio.Queue[tuple[_Pending, int, str, dict[str, Any], str] | None] = asyncio.Queue(
+        maxsize=2 * config.concurrency
+    )
     if journal is not None:
         answered = journal.count_final()
         if answered:
-            log.info("resumed: %s done, %s to go", f"{answered:,}",
-                     f"{max(total - answered, 0):,}")
+            log.info("resumed: %s done, %s to go", f"{answered:,}", f"{max(total - answered, 0):,}")
 
     def sending() -> bool:
         return not fatal and not control.stopping
 
-    def finish(batch: _Pending, i: int, result: RowResult, *, resumed: bool = False
-               ) -> Decimal | None:
+    def finish(batch: _Pending, i: int, result: RowResult, *, resumed: bool = False) -> Decimal | None:
         batch.results[i] = result
         stats.add(result, resumed=resumed)
         if prices is None or result.status == SKIPPED:
@@ -402,8 +435,10 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
         """Write every batch at the head of the line whose rows have all finished."""
         while pending and pending[0].enumerated and pending[0].waiting == 0:
             batch = pending.popleft()
-            out = pl.concat([batch.frame, results_frame(batch.results)],  # type: ignore[arg-type]
-                            how="horizontal")
+            out = pl.concat(
+                [batch.frame, results_frame(batch.results)],  # type: ignore[arg-type]
+                how="horizontal",
+            )
             write(out)
             room.set()
 
@@ -421,15 +456,33 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
             previous = journal.lookup(keys) if journal is not None else {}
             for i, item in enumerate(plan):
                 if isinstance(item, RowProblem):
-                    finish(batch, i, RowResult(status=ERROR, model=config.model,
-                                               error_code=item.code, error_message=item.message,
-                                               attempts=0, finished_at=_now()))
+                    finish(
+                        batch,
+                        i,
+                        RowResult(
+                            status=ERROR,
+                            model=config.model,
+                            error_code=item.code,
+                            error_message=item.message,
+                            attempts=0,
+                            finished_at=_now(),
+                        ),
+                    )
                     continue
                 body = request_body(config, item)
                 if isinstance(body, RowProblem):
-                    finish(batch, i, RowResult(status=ERROR, model=config.model,
-                                               error_code=body.code, error_message=body.message,
-                                               attempts=0, finished_at=_now()))
+                    finish(
+                        batch,
+                        i,
+                        RowResult(
+                            status=ERROR,
+                            model=config.model,
+                            error_code=body.code,
+                            error_message=body.message,
+                            attempts=0,
+                            finished_at=_now(),
+                        ),
+                    )
                     continue
                 digest = row_digest(body, endpoint or config.base_url, spec)
                 entry = previous.get(keys[i])
@@ -451,21 +504,29 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
             flush()
 
     async with transport or make_transport(config) as http:
-        caller = Caller(config, http, governor=governor, aborted=lambda: not sending(),
-                        sleep=sleep)
+        caller = Caller(config, http, governor=governor, aborted=lambda: not sending(), sleep=sleep)
 
         async def _call(body: dict[str, Any], tokens: int, key: str) -> CallOutcome:
             try:
                 return await caller.call(body, tokens)
             except Exception as exc:  # a bug here must cost one row, not the run's answers
                 log.exception("unexpected error on row %s", key)
-                return CallOutcome(None, APIError(None, "batchgen.InternalError",
-                                                  f"{type(exc).__name__}: {exc}", None,
-                                                  Disposition.RETRY), 0, None, None,
-                                   gave_up=True)
+                return CallOutcome(
+                    None,
+                    APIError(
+                        None,
+                        "batchgen.InternalError",
+                        f"{type(exc).__name__}: {exc}",
+                        None,
+                        Disposition.RETRY,
+                    ),
+                    0,
+                    None,
+                    None,
+                    gave_up=True,
+                )
 
-        async def send(batch: _Pending, i: int, key: str, body: dict[str, Any],
-                       digest: str) -> None:
+        async def send(batch: _Pending, i: int, key: str, body: dict[str, Any], digest: str) -> None:
             worst = Decimal(0)
             if budget is not None:
                 worst = budget.worst_case(config.model, messages_of(body))
@@ -475,26 +536,35 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
                     return
             tokens = 0
             if config.tpm is not None:
-                tokens = (count_input_tokens(config.model, messages_of(body), IMAGE_TOKENS_TYPICAL)
-                          + governor.output_estimate(max_tokens, DEFAULT_OUTPUT_ESTIMATE))
+                tokens = count_input_tokens(
+                    config.model, messages_of(body), IMAGE_TOKENS_TYPICAL
+                ) + governor.output_estimate(max_tokens, DEFAULT_OUTPUT_ESTIMATE)
             try:
                 if spec.may_have_images and has_local(body):  # read image files only now
                     body = await asyncio.to_thread(materialize, body)
             except OSError as exc:
-                outcome = CallOutcome(None, APIError(
-                    None, IMAGE_NOT_FOUND, f"an image file could not be read: "
-                    f"{exc.strerror or exc}: {exc.filename}", None, Disposition.ROW_ERROR),
-                    0, None, None)
+                outcome = CallOutcome(
+                    None,
+                    APIError(
+                        None,
+                        IMAGE_NOT_FOUND,
+                        f"an image file could not be read: {exc.strerror or exc}: {exc.filename}",
+                        None,
+                        Disposition.ROW_ERROR,
+                    ),
+                    0,
+                    None,
+                    None,
+                )
             except ValueError as exc:
-                outcome = CallOutcome(None, APIError(None, BAD_IMAGE, str(exc), None,
-                                                     Disposition.ROW_ERROR), 0, None, None)
+                outcome = CallOutcome(
+                    None, APIError(None, BAD_IMAGE, str(exc), None, Disposition.ROW_ERROR), 0, None, None
+                )
             else:
                 outcome = await _call(body, tokens, key)
             if outcome.reply is not None:
-
                 unreachable.clear()
-            elif outcome.gave_up and outcome.error is not None \
-                    and outcome.error.code in UNREACHABLE_CODES:
+            elif outcome.gave_up and outcome.error is not None and outcome.error.code in UNREACHABLE_CODES:
                 unreachable.append(outcome.error)
                 if len(unreachable) == UNREACHABLE_ROWS:
                     fatal.append(_unreachable(config, outcome))
@@ -503,8 +573,7 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
             if fatal:
                 caller.interrupt()
             result, final = _result_of(outcome, config.model, check_json)
-            wasted = _bill_cut_streams(outcome, stats, model_price, config.model,
-                                       config.parameters)
+            wasted = _bill_cut_streams(outcome, stats, model_price, config.model, config.parameters)
             if result.status != SKIPPED and journal is not None:
                 journal.record(key, digest, final, result)
             cost = finish(batch, i, result)
@@ -522,8 +591,15 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
                         await send(*item)
                 except Exception as exc:  # journal write failed (disk full), a bug: stop cleanly
                     log.debug("row %s failed", item[2] if item else "?", exc_info=True)
-                    fatal.append(APIError(None, "batchgen.InternalError",
-                                          f"{type(exc).__name__}: {exc}", None, Disposition.FATAL))
+                    fatal.append(
+                        APIError(
+                            None,
+                            "batchgen.InternalError",
+                            f"{type(exc).__name__}: {exc}",
+                            None,
+                            Disposition.FATAL,
+                        )
+                    )
                     caller.interrupt()
                 except asyncio.CancelledError as exc:
                     if exc.args != (STOP_NOW,):
@@ -570,22 +646,30 @@ async def arun_batches(batches: Iterable[Batch], total: int, config: RunConfig,
     if stats.changed:
         log.info("%s rows changed since the last run and were sent again", f"{stats.changed:,}")
     if stats.cut_streams:
-        log.info("%s rows had streams cut before their end and sent again; DashScope bills what "
-                 "a cut stream generated (%s output tokens), counted in this run's spend",
-                 f"{stats.cut_streams:,}", f"{stats.cut_output_tokens:,}")
+        log.info(
+            "%s rows had streams cut before their end and sent again; DashScope bills what "
+            "a cut stream generated (%s output tokens), counted in this run's spend",
+            f"{stats.cut_streams:,}",
+            f"{stats.cut_output_tokens:,}",
+        )
     error = None
     if fatal:
         first = fatal[0]
-        error = FatalAPIError(f"stopped: {fatal_hint(first)}", code=first.code,
-                              http_status=first.http_status)
-    result = RunResult(None, stats, error, control.reason)  # type: ignore[arg-type]
+        error = FatalAPIError(f"stopped: {fatal_hint(first)}", code=first.code, http_status=first.http_status)
+    run_result = RunResult(None, stats, error, control.reason)
     if error is not None:
-        error.result = result
-    return result
+        error.result = run_result
+    return run_result
 
 
-async def arun(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = PromptSpec(), *,
-               batch_rows: int = 4096, **options: Any) -> RunResult:
+async def arun(
+    frame: pl.DataFrame,
+    config: RunConfig,
+    spec: PromptSpec = PromptSpec(),
+    *,
+    batch_rows: int = 4096,
+    **options: Any,
+) -> RunResult:
     """Answer every row of an in-memory ``frame``; the result holds the output frame.
 
     Never raises for API trouble: it is reported in ``RunResult`` (``fatal``, ``stats``, row
@@ -594,15 +678,14 @@ async def arun(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = Prompt
     check_collisions(frame.columns)
     parts: list[pl.DataFrame] = []
     slices = ((frame.slice(i, batch_rows), None) for i in range(0, frame.height, batch_rows))
-    result = await arun_batches(slices, frame.height, config, spec, write=parts.append,
-                                **options)
-    result.frame = pl.concat(parts) if parts else pl.concat(
-        [frame.clear(), results_frame([])], how="horizontal")
+    result = await arun_batches(slices, frame.height, config, spec, write=parts.append, **options)
+    result.frame = (
+        pl.concat(parts) if parts else pl.concat([frame.clear(), results_frame([])], how="horizontal")
+    )
     return result
 
 
-def run(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = PromptSpec(),
-        **kwargs: Any) -> RunResult:
+def run(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = PromptSpec(), **kwargs: Any) -> RunResult:
     """Synchronous ``arun``: for scripts and Airflow tasks (use ``arun`` inside a running loop)."""
     return asyncio.run(arun(frame, config, spec, **kwargs))
 
@@ -616,15 +699,16 @@ def run_frame(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = PromptS
     result = run(frame, config, spec)
     if result.fatal is not None:
         raise result.fatal
+    assert result.frame is not None  # arun always sets it
     return result.frame
 
 
-async def arun_frame(frame: pl.DataFrame, config: RunConfig,
-                     spec: PromptSpec = PromptSpec()) -> pl.DataFrame:
+async def arun_frame(frame: pl.DataFrame, config: RunConfig, spec: PromptSpec = PromptSpec()) -> pl.DataFrame:
     """``run_frame`` for code already inside an event loop (notebooks, async services)."""
     result = await arun(frame, config, spec)
     if result.fatal is not None:
         raise result.fatal
+    assert result.frame is not None  # arun always sets it
     return result.frame
 
 
@@ -639,5 +723,14 @@ def exit_code(result: RunResult) -> int:
     return 0 if result.stats.error == 0 and result.stats.skipped == 0 else 3
 
 
-__all__ = ["OUTPUT_COLUMNS", "RowResult", "RunControl", "RunResult", "RunStats", "arun",
-           "arun_frame", "run", "run_frame"]
+__all__ = [
+    "OUTPUT_COLUMNS",
+    "RowResult",
+    "RunControl",
+    "RunResult",
+    "RunStats",
+    "arun",
+    "arun_frame",
+    "run",
+    "run_frame",
+]

@@ -65,7 +65,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from aiohttp import web
 
@@ -129,8 +129,7 @@ _MSG_THINKING_STREAM_ONLY = (
 )
 _MSG_INCREMENTAL = "The incremental_output parameter must be true when enable_thinking is true."
 _MSG_JSON_WORD = (
-    "'messages' must contain the word 'json' in some form, to use 'response_format' of type "
-    "'json_object'."
+    "'messages' must contain the word 'json' in some form, to use 'response_format' of type 'json_object'."
 )
 _MSG_TOO_LARGE = "Request body too large."
 _MSG_OPENAI_INVALID_KEY = "Incorrect API key provided."
@@ -593,8 +592,9 @@ def _schema_instance(schema: Any, seed: bytes, path: str, depth: int = 0) -> Any
                 result[name] = _prose(seed + f"{path}.{name}".encode(), 2, 8)
         return result
     if kind == "array":
-        least = schema.get("minItems") if _is_int(schema.get("minItems")) else 0
-        most = schema.get("maxItems") if _is_int(schema.get("maxItems")) else None
+        min_items, max_items = schema.get("minItems"), schema.get("maxItems")
+        least = min_items if _is_int(min_items) else 0
+        most = max_items if _is_int(max_items) else None
         count = max(least, 2 if most is None else min(2, most))
         items = schema.get("items", {})
         return [_schema_instance(items, seed, f"{path}[{index}]", depth + 1) for index in range(count)]
@@ -662,8 +662,10 @@ def _plain(message: Any) -> Any:
     if not isinstance(message, dict):
         return message
     content = message.get("content")
-    if isinstance(content, list) and content and all(
-        isinstance(p, dict) and set(p) == {"text"} and isinstance(p["text"], str) for p in content
+    if (
+        isinstance(content, list)
+        and content
+        and all(isinstance(p, dict) and set(p) == {"text"} and isinstance(p["text"], str) for p in content)
     ):
         return {**message, "content": "".join(p["text"] for p in content)}
     return message
@@ -934,7 +936,7 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -1516,8 +1518,8 @@ class Simulator:
         if route == "openai":
             model, messages, parameters, stream, include_usage = _validate_openai(body)
             if not _KNOWN_MODEL_RE.match(model):
-                message = f"The model `{model}` does not exist or you do not have access to it."
-                openai = (404, "model_not_found", "invalid_request_error", message)
+                missing = f"The model `{model}` does not exist or you do not have access to it."
+                openai = (404, "model_not_found", "invalid_request_error", missing)
                 raise _ApiError(
                     400, "InvalidParameter", _MSG_MODEL_NOT_EXIST, "bad_request_400", openai=openai
                 )
@@ -1573,7 +1575,8 @@ class Simulator:
             response_format=response_format,
         )
         if self._token_bucket is not None and not self._token_bucket.try_take(
-                time.monotonic(), reply.total_tokens):
+            time.monotonic(), reply.total_tokens
+        ):
             raise _ApiError(429, "Throttling.AllocationQuota", _MSG_TOKEN_QUOTA, "quota_tpm_429")
 
         config = self.config
@@ -1625,7 +1628,11 @@ class Simulator:
 
     @staticmethod
     async def _send_events(
-        request: web.Request, events: list[bytes], request_id: str, *, cut: bool,
+        request: web.Request,
+        events: list[bytes],
+        request_id: str,
+        *,
+        cut: bool,
         before_last: Callable[[], None] = lambda: None,
     ) -> tuple[web.StreamResponse, bool]:
         """Stream ``events`` in chunked encoding, one chunk each; say whether all were written.

@@ -77,7 +77,10 @@ class SSEDecoder:
         return None
 
     def _dispatch(self) -> SSEEvent | None:
-        event = (SSEEvent(self._event or "message", "\n".join(self._data), self._id, self._status)
-                 if self._data else None)
+        event = (
+            SSEEvent(self._event or "message", "\n".join(self._data), self._id, self._status)
+            if self._data
+            else None
+        )
         self._event, self._data, self._status = "", [], None
         return event

@@ -28,11 +28,17 @@ from batchgen.errors import UsageError
 Format = Literal["csv", "parquet", "jsonl"]
 FORMATS: tuple[Format, ...] = ("csv", "parquet", "jsonl")
 _EXTENSIONS: dict[str, Format] = {
-    ".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
 }
 
-NOT_UTF8 = ("{path} is not UTF-8 text (first bad byte at offset {offset}): re-save it as UTF-8, "
-            "e.g. `iconv -f latin1 -t utf-8 {path} > fixed.csv`")
+NOT_UTF8 = (
+    "{path} is not UTF-8 text (first bad byte at offset {offset}): re-save it as UTF-8, "
+    "e.g. `iconv -f latin1 -t utf-8 {path} > fixed.csv`"
+)
 
 
 def format_of(path: str | os.PathLike[str], override: str | None = None, *, role: str) -> Format:
@@ -44,8 +50,10 @@ def format_of(path: str | os.PathLike[str], override: str | None = None, *, role
         return _EXTENSIONS[suffix]
     known = ", ".join(_EXTENSIONS)
     hint = " or pass --input-format" if role == "input" else ""
-    raise UsageError(f"cannot tell the {role} format of {path} from its extension "
-                     f"{suffix or '(none)'!r}: use {known}{hint}")
+    raise UsageError(
+        f"cannot tell the {role} format of {path} from its extension "
+        f"{suffix or '(none)'!r}: use {known}{hint}"
+    )
 
 
 def _first_bad_utf8(path: Path) -> int | None:
@@ -151,9 +159,14 @@ def _flatten_for_text(frame: pl.DataFrame, fmt: Format) -> pl.DataFrame:
         elif fmt == "csv" and isinstance(dtype, pl.Struct):
             column = frame.select(pl.col(name).struct.json_encode()).to_series()
         elif fmt == "csv" and isinstance(dtype, pl.List | pl.Array):
-            column = pl.Series(name, [None if v is None else json.dumps(v, ensure_ascii=False,
-                                                                         default=str)
-                                      for v in column.to_list()], dtype=pl.String)
+            column = pl.Series(
+                name,
+                [
+                    None if v is None else json.dumps(v, ensure_ascii=False, default=str)
+                    for v in column.to_list()
+                ],
+                dtype=pl.String,
+            )
         columns.append(column)
     return pl.DataFrame(columns)
 
@@ -180,7 +193,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     try:
         if format_of(path, role="input") == "parquet":
             found = pl.read_parquet_metadata(path)
-            return {k[len("batchgen."):]: v for k, v in found.items() if k.startswith("batchgen.")}
+            return {k[len("batchgen.") :]: v for k, v in found.items() if k.startswith("batchgen.")}
         return dict(json.loads(metadata_path(path).read_text("utf-8")))
     except (OSError, ValueError, UsageError, pl.exceptions.PolarsError):
         return {}
@@ -203,8 +216,13 @@ def _write_atomically(path: Path, write: Any) -> None:
     _fsync_dir(path.parent)
 
 
-def write_table(frame: pl.DataFrame, path: str | os.PathLike[str], fmt: Format | None = None,
-                *, metadata: dict[str, str] | None = None) -> None:
+def write_table(
+    frame: pl.DataFrame,
+    path: str | os.PathLike[str],
+    fmt: Format | None = None,
+    *,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write ``frame`` atomically: temporary file, fsync, rename over ``path``.
 
     ``metadata`` goes into Parquet's key-value metadata (keys prefixed ``batchgen.``), or for
@@ -222,7 +240,6 @@ def write_table(frame: pl.DataFrame, path: str | os.PathLike[str], fmt: Format |
         return
     kv = {f"batchgen.{k}": v for k, v in (metadata or {}).items()}
     _write_atomically(path, lambda f: frame.write_parquet(f, metadata=kv or None))
-
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -261,11 +278,14 @@ class Source:
     def column_stats(self, column: str) -> tuple[int, Any | None, int]:
         """(nulls, one duplicated value or None, how often it appears), streamed."""
         col = pl.col(column)
-        nulls, dup = self._scan.select(col.null_count().alias("nulls"),
-                                       col.filter(col.is_duplicated()).first().alias("dup")
-                                       ).collect().row(0)
-        count = (self._scan.select((col == dup).sum()).collect().item()
-                 if dup is not None else 0)
+        nulls, dup = (
+            self._scan.select(
+                col.null_count().alias("nulls"), col.filter(col.is_duplicated()).first().alias("dup")
+            )
+            .collect()
+            .row(0)
+        )
+        count = self._scan.select((col == dup).sum()).collect().item() if dup is not None else 0
         return nulls, dup, count
 
     def batches(self, rows: int = DEFAULT_BATCH_ROWS) -> Iterator[tuple[pl.DataFrame, list[Any] | None]]:
@@ -274,8 +294,9 @@ class Source:
         if self.fmt == "parquet":
             # Slices read only the row groups they need; collect_batches decodes ahead, which
             # costs memory in proportion to the file.
-            chunks: Iterator[pl.DataFrame] = (self._scan.slice(offset, rows).collect()
-                                              for offset in range(0, self.total, rows))
+            chunks: Iterator[pl.DataFrame] = (
+                self._scan.slice(offset, rows).collect() for offset in range(0, self.total, rows)
+            )
         else:
             chunks = self._scan.collect_batches(chunk_size=rows, maintain_order=True)
         for batch in chunks:
@@ -303,8 +324,13 @@ def _jsonl_rows(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def open_source(path: str | os.PathLike[str], fmt: str | None = None, *,
-                limit: int | None = None, messages_column: str | None = None) -> Source:
+def open_source(
+    path: str | os.PathLike[str],
+    fmt: str | None = None,
+    *,
+    limit: int | None = None,
+    messages_column: str | None = None,
+) -> Source:
     """Open an input table for streaming; every read problem is a ``UsageError`` *now*.
 
     The whole file is checked before the first request (UTF-8 for CSV, every line for JSONL,
@@ -373,8 +399,9 @@ class TableWriter:
     into Parquet's key-value metadata, or a ``.meta.json`` sidecar for CSV and JSONL.
     """
 
-    def __init__(self, directory: Path, name: str, fmt: Format,
-                 metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, directory: Path, name: str, fmt: Format, metadata: dict[str, str] | None = None
+    ) -> None:
         self.fmt = fmt
         self.metadata = metadata
         directory.mkdir(parents=True, exist_ok=True)
@@ -402,8 +429,7 @@ class TableWriter:
 
         def sink() -> None:
             try:
-                frames.sink_parquet(self._tmp, metadata=kv or None,
-                                    row_group_size=DEFAULT_BATCH_ROWS * 4)
+                frames.sink_parquet(self._tmp, metadata=kv or None, row_group_size=DEFAULT_BATCH_ROWS * 4)
             except BaseException as exc:  # reported by commit
                 self._sink_error = exc
 

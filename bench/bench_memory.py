@@ -43,8 +43,23 @@ def run(source: Path, out: Path, base_url: str) -> tuple[float, float]:
     env = {**os.environ, "DASHSCOPE_API_KEY": KEY, "DASHSCOPE_HTTP_BASE_URL": base_url}
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-m", "batchgen.cli", "run", str(source), "-o", str(out), "-c", "64",
-         "--rpm", "100000000", "--fixed-rate", "--quiet"], env=env)
+        [
+            sys.executable,
+            "-m",
+            "batchgen.cli",
+            "run",
+            str(source),
+            "-o",
+            str(out),
+            "-c",
+            "64",
+            "--rpm",
+            "100000000",
+            "--fixed-rate",
+            "--quiet",
+        ],
+        env=env,
+    )
     peak = 0.0
     while process.poll() is None:  # VmHWM only rises: the last reading is the peak
         peak = max(peak, high_water_mb(process.pid) or 0.0)
@@ -66,9 +81,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for rows in args.rows:
                 source = Path(tmp) / f"in-{rows}.parquet"
-                pl.DataFrame({"id": [f"r{i}" for i in range(rows)],
-                              "prompt": [f"Say something short about the number {i}."
-                                         for i in range(rows)]}).write_parquet(source)
+                pl.DataFrame(
+                    {
+                        "id": [f"r{i}" for i in range(rows)],
+                        "prompt": [f"Say something short about the number {i}." for i in range(rows)],
+                    }
+                ).write_parquet(source)
                 out = Path(tmp) / f"out-{rows}.parquet"
                 peak, wall = run(source, out, base_url)
                 check = pl.scan_parquet(out).select(pl.len(), (pl.col("status") == "ok").sum())
@@ -78,8 +96,7 @@ def main() -> None:
                 print(f"{rows:>10,} {peak:>12.0f} {wall:>8.1f} {rows / wall:>8.0f}", flush=True)
         if len(peaks) >= 2:
             small, large = min(peaks), max(peaks)
-            print(f"peak at {large:,} rows / peak at {small:,} rows = "
-                  f"{peaks[large] / peaks[small]:.2f}")
+            print(f"peak at {large:,} rows / peak at {small:,} rows = {peaks[large] / peaks[small]:.2f}")
 
 
 if __name__ == "__main__":

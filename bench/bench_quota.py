@@ -29,14 +29,30 @@ from batchgen.simulator import SimulatorConfig, SimulatorThread
 KEY = "sk-bench"
 
 
-def one(label: str, *, sim: SimulatorConfig, rows: int, rpm: float, tpm: float | None,
-        concurrency: int, max_tokens: int | None) -> None:
+def one(
+    label: str,
+    *,
+    sim: SimulatorConfig,
+    rows: int,
+    rpm: float,
+    tpm: float | None,
+    concurrency: int,
+    max_tokens: int | None,
+) -> None:
     with SimulatorThread(sim) as server:
-        frame = pl.DataFrame({"prompt": [f"Give a short, plain answer to question number {i}."
-                                         for i in range(rows)]})
-        config = RunConfig(api_key=KEY, base_url=server.base_url, rpm=rpm, tpm=tpm,
-                           concurrency=concurrency, max_attempts=20, timeout=30,
-                           parameters={"max_tokens": max_tokens} if max_tokens else {})
+        frame = pl.DataFrame(
+            {"prompt": [f"Give a short, plain answer to question number {i}." for i in range(rows)]}
+        )
+        config = RunConfig(
+            api_key=KEY,
+            base_url=server.base_url,
+            rpm=rpm,
+            tpm=tpm,
+            concurrency=concurrency,
+            max_attempts=20,
+            timeout=30,
+            parameters={"max_tokens": max_tokens} if max_tokens else {},
+        )
         started = time.monotonic()
         result = asyncio.run(arun(frame, config))
         wall = time.monotonic() - started
@@ -57,12 +73,15 @@ def one(label: str, *, sim: SimulatorConfig, rows: int, rpm: float, tpm: float |
         quota, unit = sim.rpm, "requests/min"
         achieved = len(answered) * 60 / span
         achieved_late = len(after) * 60 / late_span
-    print(f"{label:<34} quota {quota:>9,} {unit:<12} achieved {achieved:>10,.0f} "
-          f"({achieved / quota:6.1%}); after 10 s {achieved_late:>10,.0f} "
-          f"({achieved_late / quota:6.1%}) | 429s {len(stats.throttled):>4} of "
-          f"{stats.requests:>5} ({len(stats.throttled) / stats.requests:5.1%}); after 10 s "
-          f"{throttled_after / max(arrivals_after, 1):5.1%} | ok {result.stats.ok}/{rows} "
-          f"in {wall:5.1f} s", flush=True)
+    print(
+        f"{label:<34} quota {quota:>9,} {unit:<12} achieved {achieved:>10,.0f} "
+        f"({achieved / quota:6.1%}); after 10 s {achieved_late:>10,.0f} "
+        f"({achieved_late / quota:6.1%}) | 429s {len(stats.throttled):>4} of "
+        f"{stats.requests:>5} ({len(stats.throttled) / stats.requests:5.1%}); after 10 s "
+        f"{throttled_after / max(arrivals_after, 1):5.1%} | ok {result.stats.ok}/{rows} "
+        f"in {wall:5.1f} s",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -74,16 +93,44 @@ def main() -> None:
     latency = dict(latency=0.2, jitter=0.05)
     rows = int(args.rpm / 60 * args.seconds)
     print(f"batchgen quota bench: latency 0.2 ± 0.05 s, runs of about {args.seconds:g} s at quota")
-    one(f"--rpm R ({args.rpm})", sim=SimulatorConfig(key=KEY, rpm=args.rpm, **latency),
-        rows=rows, rpm=args.rpm, tpm=None, concurrency=64, max_tokens=None)
-    one(f"--rpm 3R ({3 * args.rpm})", sim=SimulatorConfig(key=KEY, rpm=args.rpm, **latency),
-        rows=rows, rpm=3 * args.rpm, tpm=None, concurrency=64, max_tokens=None)
+    one(
+        f"--rpm R ({args.rpm})",
+        sim=SimulatorConfig(key=KEY, rpm=args.rpm, **latency),
+        rows=rows,
+        rpm=args.rpm,
+        tpm=None,
+        concurrency=64,
+        max_tokens=None,
+    )
+    one(
+        f"--rpm 3R ({3 * args.rpm})",
+        sim=SimulatorConfig(key=KEY, rpm=args.rpm, **latency),
+        rows=rows,
+        rpm=3 * args.rpm,
+        tpm=None,
+        concurrency=64,
+        max_tokens=None,
+    )
     # Token runs: about 110 tokens a request, so T/110 requests a minute; rpm out of the way.
     token_rows = int(args.tpm / 110 / 60 * args.seconds)
-    one(f"--tpm T ({args.tpm:,})", sim=SimulatorConfig(key=KEY, tpm=args.tpm, **latency),
-        rows=token_rows, rpm=100_000, tpm=args.tpm, concurrency=64, max_tokens=80)
-    one(f"--tpm 3T ({3 * args.tpm:,})", sim=SimulatorConfig(key=KEY, tpm=args.tpm, **latency),
-        rows=token_rows, rpm=100_000, tpm=3 * args.tpm, concurrency=64, max_tokens=80)
+    one(
+        f"--tpm T ({args.tpm:,})",
+        sim=SimulatorConfig(key=KEY, tpm=args.tpm, **latency),
+        rows=token_rows,
+        rpm=100_000,
+        tpm=args.tpm,
+        concurrency=64,
+        max_tokens=80,
+    )
+    one(
+        f"--tpm 3T ({3 * args.tpm:,})",
+        sim=SimulatorConfig(key=KEY, tpm=args.tpm, **latency),
+        rows=token_rows,
+        rpm=100_000,
+        tpm=3 * args.tpm,
+        concurrency=64,
+        max_tokens=80,
+    )
 
 
 if __name__ == "__main__":

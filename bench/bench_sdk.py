@@ -43,8 +43,9 @@ def child_batchgen(base_url: str, rows: int, concurrency: int) -> None:
     from batchgen.runner import arun
 
     frame = pl.DataFrame({"prompt": [PROMPT.format(i=i) for i in range(rows)]})
-    config = RunConfig(api_key=KEY, base_url=base_url, concurrency=concurrency, rpm=1e8,
-                       adaptive=False, max_attempts=1)
+    config = RunConfig(
+        api_key=KEY, base_url=base_url, concurrency=concurrency, rpm=1e8, adaptive=False, max_attempts=1
+    )
     result = asyncio.run(arun(frame, config))
     assert result.stats.ok == rows, result.stats.error_codes
 
@@ -63,8 +64,11 @@ def child_sdk(base_url: str, rows: int, concurrency: int) -> None:
         async def one(i: int) -> str:
             async with sem:
                 response = await AioGeneration.call(
-                    model="qwen-plus", api_key=KEY, result_format="message",
-                    messages=[{"role": "user", "content": PROMPT.format(i=i)}])
+                    model="qwen-plus",
+                    api_key=KEY,
+                    result_format="message",
+                    messages=[{"role": "user", "content": PROMPT.format(i=i)}],
+                )
                 assert response.status_code == 200, response
                 return response.output.choices[0].message.content
 
@@ -83,8 +87,12 @@ def child(which: str, base_url: str, rows: int, concurrency: int) -> None:
 
 
 def measure(which: str, base_url: str, rows: int, concurrency: int) -> dict[str, float]:
-    out = subprocess.run([sys.executable, __file__, "--child", which, base_url, str(rows),
-                          str(concurrency)], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", which, base_url, str(rows), str(concurrency)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if out.returncode != 0:
         raise SystemExit(f"{which} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -102,18 +110,20 @@ def main() -> None:
     with running_simulator(args.latency) as base_url:
         import dashscope
 
-        print(f"batchgen vs dashscope {dashscope.__version__} AioGeneration + Semaphore: "
-              f"{args.rows} rows, concurrency {args.concurrency}, simulator latency "
-              f"{args.latency:g} s (ideal wall {args.rows * args.latency / args.concurrency:.2f} s)")
-        results = {w: measure(w, base_url, args.rows, args.concurrency)
-                   for w in ("batchgen", "sdk")}
+        print(
+            f"batchgen vs dashscope {dashscope.__version__} AioGeneration + Semaphore: "
+            f"{args.rows} rows, concurrency {args.concurrency}, simulator latency "
+            f"{args.latency:g} s (ideal wall {args.rows * args.latency / args.concurrency:.2f} s)"
+        )
+        results = {w: measure(w, base_url, args.rows, args.concurrency) for w in ("batchgen", "sdk")}
         print(f"{'':<10} {'wall s':>8} {'CPU ms/req':>11} {'peak RSS MB':>12}")
         for which, r in results.items():
-            print(f"{which:<10} {r['wall']:>8.2f} {r['cpu'] * 1000 / args.rows:>11.3f} "
-                  f"{r['rss']:>12.0f}")
+            print(f"{which:<10} {r['wall']:>8.2f} {r['cpu'] * 1000 / args.rows:>11.3f} {r['rss']:>12.0f}")
         b, s = results["batchgen"], results["sdk"]
-        print(f"{'ratio b/s':<10} {b['wall'] / s['wall']:>8.2f} {b['cpu'] / s['cpu']:>11.2f} "
-              f"{b['rss'] / s['rss']:>12.2f}")
+        print(
+            f"{'ratio b/s':<10} {b['wall'] / s['wall']:>8.2f} {b['cpu'] / s['cpu']:>11.2f} "
+            f"{b['rss'] / s['rss']:>12.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,21 @@ def running_simulator(latency: float) -> Iterator[str]:
     """``batchgen simulate`` in its own process, so CPU measured here is the client's; its base URL."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "batchgen.cli", "simulate", "--port", str(port), "--key", KEY,
-         "--latency", str(latency)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "batchgen.cli",
+            "simulate",
+            "--port",
+            str(port),
+            "--key",
+            KEY,
+            "--latency",
+            str(latency),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}/api/v1"
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -68,13 +81,22 @@ def running_simulator(latency: float) -> Iterator[str]:
         process.wait(timeout=10)
 
 
-async def one_run(base_url: str, rows: int, concurrency: int, backend: str, *,
-                  stream: bool = False, api: str = "dashscope") -> tuple[float, float]:
+async def one_run(
+    base_url: str, rows: int, concurrency: int, backend: str, *, stream: bool = False, api: str = "dashscope"
+) -> tuple[float, float]:
     frame = pl.DataFrame({"prompt": [f"Benchmark prompt number {i}" for i in range(rows)]})
     if api == "openai":
         base_url = base_url.replace("/api/v1", "/compatible-mode/v1")
-    config = RunConfig(api_key=KEY, base_url=base_url, concurrency=concurrency, rpm=10_000_000,
-                       max_attempts=1, timeout=60, stream=stream, api=api)  # type: ignore[arg-type]
+    config = RunConfig(
+        api_key=KEY,
+        base_url=base_url,
+        concurrency=concurrency,
+        rpm=10_000_000,
+        max_attempts=1,
+        timeout=60,
+        stream=stream,
+        api=api,
+    )  # type: ignore[arg-type]
     cpu, wall = time.process_time(), time.perf_counter()
     result = await arun(frame, config, transport=make_transport(config, backend=backend))
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
@@ -87,27 +109,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency", type=float, default=0.5, help="simulated seconds per answer")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[10, 100, 500])
-    parser.add_argument("--rows", type=int, help="rows per run [default: 10 × concurrency, "
-                                                  "at least 200]")
+    parser.add_argument("--rows", type=int, help="rows per run [default: 10 × concurrency, at least 200]")
     parser.add_argument("--backend", choices=["aiohttp", "httpx"], default="aiohttp")
     parser.add_argument("--stream", action="store_true", help="streamed (SSE) requests")
     parser.add_argument("--api", choices=["dashscope", "openai"], default="dashscope")
     args = parser.parse_args()
 
     with running_simulator(args.latency) as base_url:
-        print(f"batchgen bench: simulator latency {args.latency:g} s, backend {args.backend}, "
-              f"api {args.api}{', streamed' if args.stream else ''}, "
-              f"{os.cpu_count()} cores, Python {sys.version.split()[0]}")
-        print(f"{'concurrency':>11} {'rows':>6} {'wall s':>7} {'ideal s':>7} {'wall/ideal':>10} "
-              f"{'CPU ms/req':>10}")
+        print(
+            f"batchgen bench: simulator latency {args.latency:g} s, backend {args.backend}, "
+            f"api {args.api}{', streamed' if args.stream else ''}, "
+            f"{os.cpu_count()} cores, Python {sys.version.split()[0]}"
+        )
+        print(
+            f"{'concurrency':>11} {'rows':>6} {'wall s':>7} {'ideal s':>7} {'wall/ideal':>10} "
+            f"{'CPU ms/req':>10}"
+        )
         asyncio.run(one_run(base_url, 50, 10, args.backend))  # warm up imports and the server
         for concurrency in args.concurrency:
             rows = args.rows or max(200, 10 * concurrency)
-            wall, cpu = asyncio.run(one_run(base_url, rows, concurrency, args.backend,
-                                            stream=args.stream, api=args.api))
+            wall, cpu = asyncio.run(
+                one_run(base_url, rows, concurrency, args.backend, stream=args.stream, api=args.api)
+            )
             ideal = rows * args.latency / concurrency
-            print(f"{concurrency:>11} {rows:>6} {wall:>7.2f} {ideal:>7.2f} {wall / ideal:>10.3f} "
-                  f"{cpu * 1000 / rows:>10.3f}", flush=True)
+            print(
+                f"{concurrency:>11} {rows:>6} {wall:>7.2f} {ideal:>7.2f} {wall / ideal:>10.3f} "
+                f"{cpu * 1000 / rows:>10.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

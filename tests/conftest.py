@@ -10,16 +10,29 @@ from click.testing import CliRunner, Result
 from batchgen.cli import cli
 from batchgen.simulator import SimulatorConfig, SimulatorThread
 
-ENV_VARS = ("DASHSCOPE_API_KEY", "DASHSCOPE_HTTP_BASE_URL", "DASHSCOPE_API_REGION",
-            "DASHSCOPE_WORKSPACE_ID", "OPENAI_API_KEY", "OPENAI_BASE_URL")
+ENV_VARS = (
+    "DASHSCOPE_API_KEY",
+    "DASHSCOPE_HTTP_BASE_URL",
+    "DASHSCOPE_API_REGION",
+    "DASHSCOPE_WORKSPACE_ID",
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+)
 KEY = "sk-test-0123456789abcdef"
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test sees the developer's DashScope settings, and each works in its own folder."""
-    for var in (*ENV_VARS, "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy",
-                "https_proxy", "all_proxy"):  # the simulator is on loopback
+    for var in (
+        *ENV_VARS,
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ):  # the simulator is on loopback
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
 
@@ -40,8 +53,7 @@ def simulator() -> Iterator[Callable[..., SimulatorThread]]:
         sim.stop()
 
 
-def invoke(args: list[str], sim: SimulatorThread | None = None, *,
-           key: str | None = KEY) -> Result:
+def invoke(args: list[str], sim: SimulatorThread | None = None, *, key: str | None = KEY) -> Result:
     """Run the CLI in-process, pointed at ``sim`` through the documented environment variables."""
     env = {}
     if sim is not None:
@@ -52,8 +64,7 @@ def invoke(args: list[str], sim: SimulatorThread | None = None, *,
 
 
 def write_prompts(path: Path, prompts: list[str | None], **extra: list) -> Path:
-    frame = pl.DataFrame({"id": [f"r{i:03d}" for i in range(len(prompts))], "prompt": prompts,
-                          **extra})
+    frame = pl.DataFrame({"id": [f"r{i:03d}" for i in range(len(prompts))], "prompt": prompts, **extra})
     if path.suffix == ".csv":
         frame.write_csv(path)
     elif path.suffix == ".parquet":

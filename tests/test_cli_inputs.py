@@ -42,8 +42,7 @@ def test_input_format_override_reads_a_txt_file(simulator, tmp_path):
     sim = simulator()
     source = tmp_path / "prompts.txt"
     source.write_text("prompt\nhello\n")
-    result = invoke(["run", str(source), "-o", str(tmp_path / "o.csv"), "--input-format", "csv"],
-                    sim)
+    result = invoke(["run", str(source), "-o", str(tmp_path / "o.csv"), "--input-format", "csv"], sim)
     assert result.exit_code == 0
 
 
@@ -65,8 +64,10 @@ def test_missing_prompt_column_lists_the_columns(simulator, tmp_path):
     source = tmp_path / "in.csv"
     pl.DataFrame({"id": [1], "question": ["hi"]}).write_csv(source)
     line = run_bad(simulator(), tmp_path, source)
-    assert line == ("batchgen: error: prompt column 'prompt' is not in the input; its columns are: "
-                    "id, question (choose one with --prompt-column or write a --template)")
+    assert line == (
+        "batchgen: error: prompt column 'prompt' is not in the input; its columns are: "
+        "id, question (choose one with --prompt-column or write a --template)"
+    )
 
 
 def test_non_utf8_csv(simulator, tmp_path):
@@ -86,28 +87,32 @@ def test_malformed_jsonl_line_is_named(simulator, tmp_path):
 def test_template_naming_a_missing_column(simulator, tmp_path):
     source = write_prompts(tmp_path / "in.csv", ["x"])
     line = run_bad(simulator(), tmp_path, source, "--template", "Summarize: {text}")
-    assert line == ("batchgen: error: --template field {text} is not in the input; its columns "
-                    "are: id, prompt")
+    assert line == (
+        "batchgen: error: --template field {text} is not in the input; its columns are: id, prompt"
+    )
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    pytest.param(["--temperature", "2"], "temperature must be in [0, 2), got 2.0", id="temperature"),
-    pytest.param(["--top-p", "0"], "top_p must be in (0, 1]", id="top-p"),
-    pytest.param(["--max-tokens", "0"], "max_tokens must be at least 1", id="max-tokens"),
-    pytest.param(["--seed", "-1"], "seed must be in [0, 2^31-1]", id="seed"),
-    pytest.param(["--param", "presence_penalty=5"], "presence_penalty must be in [-2, 2]",
-                 id="param-range"),
-    pytest.param(["--param", "n"], "--param 'n' is not KEY=VALUE", id="param-shape"),
-    pytest.param(["--param", "top_p=\"high\""], "top_p must be a number", id="param-type"),
-    pytest.param(["--param", "stream=true"], "use --stream or --no-stream", id="param-stream"),
-    pytest.param(["--max-tokens", "5", "--param", "max_tokens=6"], "both", id="param-twice"),
-    pytest.param(["--system", "a", "--system-column", "b"], "keep one", id="system-twice"),
-    pytest.param(["--template", "{prompt}", "--prompt-column", "prompt"], "keep one",
-                 id="prompt-twice"),
-    pytest.param(["--template", "no fields"], "names no column", id="template-no-field"),
-    pytest.param(["--template", "{0}"], "must name a column", id="template-positional"),
-    pytest.param(["--id-column", "nope"], "--id-column 'nope' is not in the input", id="id-missing"),
-])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        pytest.param(["--temperature", "2"], "temperature must be in [0, 2), got 2.0", id="temperature"),
+        pytest.param(["--top-p", "0"], "top_p must be in (0, 1]", id="top-p"),
+        pytest.param(["--max-tokens", "0"], "max_tokens must be at least 1", id="max-tokens"),
+        pytest.param(["--seed", "-1"], "seed must be in [0, 2^31-1]", id="seed"),
+        pytest.param(
+            ["--param", "presence_penalty=5"], "presence_penalty must be in [-2, 2]", id="param-range"
+        ),
+        pytest.param(["--param", "n"], "--param 'n' is not KEY=VALUE", id="param-shape"),
+        pytest.param(["--param", 'top_p="high"'], "top_p must be a number", id="param-type"),
+        pytest.param(["--param", "stream=true"], "use --stream or --no-stream", id="param-stream"),
+        pytest.param(["--max-tokens", "5", "--param", "max_tokens=6"], "both", id="param-twice"),
+        pytest.param(["--system", "a", "--system-column", "b"], "keep one", id="system-twice"),
+        pytest.param(["--template", "{prompt}", "--prompt-column", "prompt"], "keep one", id="prompt-twice"),
+        pytest.param(["--template", "no fields"], "names no column", id="template-no-field"),
+        pytest.param(["--template", "{0}"], "must name a column", id="template-positional"),
+        pytest.param(["--id-column", "nope"], "--id-column 'nope' is not in the input", id="id-missing"),
+    ],
+)
 def test_invalid_parameter_values(simulator, tmp_path, args, needle):
     source = write_prompts(tmp_path / "in.csv", ["x"])
     assert needle in run_bad(simulator(), tmp_path, source, *args)

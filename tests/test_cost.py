@@ -27,30 +27,38 @@ def cost(model: str, **tokens: int) -> Decimal:
     return price.cost(cached_ratio=PRICES.cached_ratio, **tokens)
 
 
-@pytest.mark.parametrize(("model", "tokens", "expected"), [
-    # 32,768 input tokens is still qwen3-max's first tier: 32768 × 1.20 + 1000 × 6.00
-    ("qwen3-max", {"input_tokens": 32768, "output_tokens": 1000}, "0.0453216"),
-    # one more token and the WHOLE request moves up: 32769 × 2.40 + 1000 × 12.00
-    ("qwen3-max", {"input_tokens": 32769, "output_tokens": 1000}, "0.0906456"),
-    # 256K = 262,144 is qwen-plus's first tier: 262144 × 0.40 + 100 × 1.20
-    ("qwen-plus", {"input_tokens": 262144, "output_tokens": 100}, "0.1049776"),
-    # 262,145: 262145 × 1.20 + 100 × 3.60
-    ("qwen-plus", {"input_tokens": 262145, "output_tokens": 100}, "0.314934"),
-    # thinking output at 4.00, not 1.20: 1000 × 0.40 + 1000 × 4.00
-    ("qwen-plus", {"input_tokens": 1000, "output_tokens": 1000, "thinking": True}, "0.0044"),
-    # 600 cached at 20 %: 400 × 0.40 + 600 × 0.08 + 0
-    ("qwen-plus", {"input_tokens": 1000, "output_tokens": 0, "cached_tokens": 600}, "0.000208"),
-    # no separate thinking price: thinking output bills at the output price, 1000 × 6.40
-    ("qwen-max", {"input_tokens": 0, "output_tokens": 1000, "thinking": True}, "0.0064"),
-])
+@pytest.mark.parametrize(
+    ("model", "tokens", "expected"),
+    [
+        # 32,768 input tokens is still qwen3-max's first tier: 32768 × 1.20 + 1000 × 6.00
+        ("qwen3-max", {"input_tokens": 32768, "output_tokens": 1000}, "0.0453216"),
+        # one more token and the WHOLE request moves up: 32769 × 2.40 + 1000 × 12.00
+        ("qwen3-max", {"input_tokens": 32769, "output_tokens": 1000}, "0.0906456"),
+        # 256K = 262,144 is qwen-plus's first tier: 262144 × 0.40 + 100 × 1.20
+        ("qwen-plus", {"input_tokens": 262144, "output_tokens": 100}, "0.1049776"),
+        # 262,145: 262145 × 1.20 + 100 × 3.60
+        ("qwen-plus", {"input_tokens": 262145, "output_tokens": 100}, "0.314934"),
+        # thinking output at 4.00, not 1.20: 1000 × 0.40 + 1000 × 4.00
+        ("qwen-plus", {"input_tokens": 1000, "output_tokens": 1000, "thinking": True}, "0.0044"),
+        # 600 cached at 20 %: 400 × 0.40 + 600 × 0.08 + 0
+        ("qwen-plus", {"input_tokens": 1000, "output_tokens": 0, "cached_tokens": 600}, "0.000208"),
+        # no separate thinking price: thinking output bills at the output price, 1000 × 6.40
+        ("qwen-max", {"input_tokens": 0, "output_tokens": 1000, "thinking": True}, "0.0064"),
+    ],
+)
 def test_billing_rules(model, tokens, expected):
     assert cost(model, **tokens) == Decimal(expected)
 
 
-@pytest.mark.parametrize(("name", "family"), [
-    ("qwen-plus-2025-07-28", "qwen-plus"), ("qwen-max-latest", "qwen-max"),
-    ("qwen-turbo-2025-04-28", "qwen-turbo"), ("qwen3-max", "qwen3-max"),
-])
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [
+        ("qwen-plus-2025-07-28", "qwen-plus"),
+        ("qwen-max-latest", "qwen-max"),
+        ("qwen-turbo-2025-04-28", "qwen-turbo"),
+        ("qwen3-max", "qwen3-max"),
+    ],
+)
 def test_snapshots_and_aliases_bill_as_their_family(name, family):
     assert PRICES.lookup(name).name == family
 
@@ -74,9 +82,15 @@ def test_report_by_model_matches_the_hand_computed_figures():
     # 1000×0.40 + 500×1.20 = 1000 µ$; 1000×0.40 + 1000×0.08 + 1000×4.00 = 4480 µ$;
     # 262145×1.20 + 100×3.60 = 314934 µ$  -> 320414 µ$
     assert groups["qwen-plus"] == {
-        "model": "qwen-plus", "rows": 5, "input_tokens": 265145, "cached_tokens": 1000,
-        "output_tokens": 1600, "reasoning_tokens": 800, "cost_usd": "0.32041400",
-        "unpriced_rows": 0}
+        "model": "qwen-plus",
+        "rows": 5,
+        "input_tokens": 265145,
+        "cached_tokens": 1000,
+        "output_tokens": 1600,
+        "reasoning_tokens": 800,
+        "cost_usd": "0.32041400",
+        "unpriced_rows": 0,
+    }
     assert groups["qwen-plus-2025-07-28"]["cost_usd"] == "0.10497760"  # 262144×0.40 + 100×1.20
     assert groups["qwen3-max"]["cost_usd"] == "0.13596720"  # 45321.6 + 90645.6 µ$
     assert groups["qwen-max-latest"]["cost_usd"] == "0.00048000"  # 100×1.60 + 50×6.40
@@ -84,8 +98,14 @@ def test_report_by_model_matches_the_hand_computed_figures():
     assert groups["my-finetune"]["cost_usd"] is None  # unpriced, never $0
     assert report["unpriced_models"] == {"my-finetune": {"rows": 1, "tokens": 500}}
     assert report["total"] == {
-        "rows": 11, "input_tokens": 594226, "cached_tokens": 1000, "output_tokens": 4950,
-        "reasoning_tokens": 1300, "cost_usd": "0.56238880", "unpriced_rows": 1}
+        "rows": 11,
+        "input_tokens": 594226,
+        "cached_tokens": 1000,
+        "output_tokens": 4950,
+        "reasoning_tokens": 1300,
+        "cost_usd": "0.56238880",
+        "unpriced_rows": 1,
+    }
     assert report["prices"]["version"] == PRICES.version
 
 
@@ -103,13 +123,18 @@ def test_report_by_day_as_csv():
 
 def test_table_and_markdown_formats():
     table = invoke(["cost", str(FIXTURE)]).stdout.splitlines()
-    assert table[0].split() == ["model", "rows", "input_tokens", "cached_tokens", "output_tokens",
-                                "reasoning_tokens", "cost_usd"]
+    assert table[0].split() == [
+        "model",
+        "rows",
+        "input_tokens",
+        "cached_tokens",
+        "output_tokens",
+        "reasoning_tokens",
+        "cost_usd",
+    ]
     total = next(line for line in table if line.startswith("TOTAL"))
-    assert total.split() == ["TOTAL", "11", "594,226", "1,000", "4,950", "1,300", "0.562389",
-                                 "+", "unpriced"]
-    assert any(line.split()[:2] == ["my-finetune", "1"] and line.endswith("unpriced")
-               for line in table)
+    assert total.split() == ["TOTAL", "11", "594,226", "1,000", "4,950", "1,300", "0.562389", "+", "unpriced"]
+    assert any(line.split()[:2] == ["my-finetune", "1"] and line.endswith("unpriced") for line in table)
     assert any(line.startswith("prices: batchgen price table") for line in table)
     markdown = invoke(["cost", str(FIXTURE), "--by", "status", "--format", "markdown"]).stdout
     assert "| ok | 9 |" in markdown and "| **TOTAL** |" in markdown
@@ -117,8 +142,10 @@ def test_table_and_markdown_formats():
 
 def test_prices_file_extends_the_table(tmp_path):
     extra = tmp_path / "prices.toml"
-    extra.write_text('version = "mine-1"\n[regions.intl.models.my-finetune]\n'
-                     'tiers = [{ up_to = 1000000, input = 1.0, output = 2.0 }]\n')
+    extra.write_text(
+        'version = "mine-1"\n[regions.intl.models.my-finetune]\n'
+        "tiers = [{ up_to = 1000000, input = 1.0, output = 2.0 }]\n"
+    )
     result = invoke(["cost", str(FIXTURE), "--prices", str(extra), "--format", "json"])
     report = json.loads(result.stdout)
     mine = next(g for g in report["groups"] if g["model"] == "my-finetune")
@@ -156,14 +183,16 @@ def test_cost_warns_when_the_run_used_another_table(tmp_path):
     (tmp_path / "o.csv.meta.json").write_text('{"prices_version": "2024.01-1"}')
     result = invoke(["cost", str(out)])
     assert result.exit_code == 0
-    assert f"was run with price table 2024.01-1; this report applies {PRICES.version}" in \
-        result.stderr
+    assert f"was run with price table 2024.01-1; this report applies {PRICES.version}" in result.stderr
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    (["--by", "color"], "group by one or more of"),
-    (["--region", "cn"], "no prices for region 'cn'"),
-])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--by", "color"], "group by one or more of"),
+        (["--region", "cn"], "no prices for region 'cn'"),
+    ],
+)
 def test_cost_usage_errors(args, needle):
     result = invoke(["cost", str(FIXTURE), *args])
     assert result.exit_code == 2 and needle in result.stderr
@@ -180,8 +209,9 @@ def test_dry_run_counts_and_estimates_and_sends_nothing(simulator, tmp_path):
     source = write_prompts(tmp_path / "in.csv", ["Hello world", "How are you today?", ""])
     out = tmp_path / "o.csv"
 
-    result = invoke(["run", str(source), "-o", str(out), "--dry-run", "--max-tokens", "100",
-                     "--rpm", "60"], sim)
+    result = invoke(
+        ["run", str(source), "-o", str(out), "--dry-run", "--max-tokens", "100", "--rpm", "60"], sim
+    )
 
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -192,8 +222,10 @@ def test_dry_run_counts_and_estimates_and_sends_nothing(simulator, tmp_path):
     # expected: 23 × 0.40 + 200 × 1.20 = 249.2 µ$; empty replies 9.2 µ$; worst: thinking is
     # not switched off, and reasoning is not capped by --max-tokens, so each reply may bill
     # 100 + 32,768 (qwen-plus's longest) tokens at 4.00: 9.2 + 2 × 32868 × 4.00 = 262953.2 µ$
-    assert lines[3] == ("estimated cost: $0.0002 (range $0.0000 with empty replies to $0.2630 "
-                        "with every reply at 32,868 tokens, thinking)")
+    assert lines[3] == (
+        "estimated cost: $0.0002 (range $0.0000 with empty replies to $0.2630 "
+        "with every reply at 32,868 tokens, thinking)"
+    )
     assert lines[-1] == "time: at least 2s at --rpm 60 (2 requests, 16 at a time)"
     assert sim.stats.requests == 0
     assert list(tmp_path.iterdir()) == [source]  # no output, journal, lock or summary
@@ -210,8 +242,9 @@ def test_dry_run_skips_rows_the_journal_answered(simulator, tmp_path):
 
 def test_dry_run_of_an_unpriced_model(tmp_path):
     source = write_prompts(tmp_path / "in.csv", ["a"])
-    result = invoke(["run", str(source), "-o", "o.csv", "--dry-run", "-m", "my-finetune",
-                     "--simulate"], key=None)
+    result = invoke(
+        ["run", str(source), "-o", "o.csv", "--dry-run", "-m", "my-finetune", "--simulate"], key=None
+    )
     assert result.exit_code == 0
     assert "estimated cost: unpriced: my-finetune has no price" in result.stdout
 
@@ -220,8 +253,21 @@ def test_max_cost_stops_the_run_before_the_budget_is_passed(simulator, tmp_path)
     sim = simulator(latency=0.02)
     source = write_prompts(tmp_path / "in.csv", [f"Question {i}: why?" for i in range(60)])
     out = tmp_path / "o.csv"
-    args = ["run", str(source), "-o", str(out), "--max-tokens", "200", "--disable-thinking",
-            "--rpm", "60000", "--max-cost", "0.002", "--summary", str(tmp_path / "s.json")]
+    args = [
+        "run",
+        str(source),
+        "-o",
+        str(out),
+        "--max-tokens",
+        "200",
+        "--disable-thinking",
+        "--rpm",
+        "60000",
+        "--max-cost",
+        "0.002",
+        "--summary",
+        str(tmp_path / "s.json"),
+    ]
 
     result = invoke(args, sim)
 
@@ -241,8 +287,9 @@ def test_max_cost_stops_the_run_before_the_budget_is_passed(simulator, tmp_path)
 
 def test_max_cost_needs_a_price(tmp_path):
     source = write_prompts(tmp_path / "in.csv", ["a"])
-    result = invoke(["run", str(source), "-o", "o.csv", "--max-cost", "1", "-m", "my-finetune",
-                     "--simulate"], key=None)
+    result = invoke(
+        ["run", str(source), "-o", "o.csv", "--max-cost", "1", "-m", "my-finetune", "--simulate"], key=None
+    )
     assert result.exit_code == 2 and "--max-cost needs the price of my-finetune" in result.stderr
 
 
@@ -253,8 +300,10 @@ def test_progress_and_summary_show_the_cost(simulator, tmp_path):
     assert "spent" in result.stderr.splitlines()[-1]
     summary = json.loads((tmp_path / "s.json").read_text())
     frame = pl.read_csv(tmp_path / "o.csv")
-    expected = sum(Decimal(i) * Decimal("0.40") + Decimal(o) * Decimal("1.20")
-                   for i, o in zip(frame["input_tokens"], frame["output_tokens"], strict=True))
+    expected = sum(
+        Decimal(i) * Decimal("0.40") + Decimal(o) * Decimal("1.20")
+        for i, o in zip(frame["input_tokens"], frame["output_tokens"], strict=True)
+    )
     assert Decimal(summary["cost"]["spent_usd"]) == expected / 1_000_000
 
 
@@ -262,9 +311,26 @@ def test_max_cost_counts_reasoning_beyond_max_tokens(simulator, tmp_path):
     """--max-tokens caps the answer, not the reasoning: the guard must budget both."""
     sim = simulator()
     source = write_prompts(tmp_path / "in.csv", [f"Think about {i}." for i in range(30)])
-    result = invoke(["run", str(source), "-o", "o.csv", "--enable-thinking", "--max-tokens", "1",
-                     "--thinking-budget", "40", "--max-cost", "0.0005", "--rpm", "60000",
-                     "--summary", "s.json"], sim)
+    result = invoke(
+        [
+            "run",
+            str(source),
+            "-o",
+            "o.csv",
+            "--enable-thinking",
+            "--max-tokens",
+            "1",
+            "--thinking-budget",
+            "40",
+            "--max-cost",
+            "0.0005",
+            "--rpm",
+            "60000",
+            "--summary",
+            "s.json",
+        ],
+        sim,
+    )
     assert result.exit_code == 5
     spent = Decimal(json.loads((tmp_path / "s.json").read_text())["cost"]["spent_usd"])
     assert Decimal(0) < spent <= Decimal("0.0005")
@@ -301,8 +367,11 @@ def test_cost_warns_when_the_run_was_in_another_region(tmp_path):
     assert "was run in region cn; this report applies intl prices" in result.stderr
 
 
-@pytest.mark.parametrize("text", ['regions = "x"', "[regions.intl]\nmodels = 5", "version = ["],
-                         ids=["regions-not-table", "models-not-table", "bad-toml"])
+@pytest.mark.parametrize(
+    "text",
+    ['regions = "x"', "[regions.intl]\nmodels = 5", "version = ["],
+    ids=["regions-not-table", "models-not-table", "bad-toml"],
+)
 def test_malformed_price_files_are_one_line(tmp_path, text):
     bad = tmp_path / "p.toml"
     bad.write_text(text)

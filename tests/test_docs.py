@@ -16,8 +16,12 @@ ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
 
 
-SECTIONS = {"run": "## `batchgen run", "validate": "## `batchgen run", "simulate": "## The simulator",
-            "cost": "### `batchgen cost"}
+SECTIONS = {
+    "run": "## `batchgen run",
+    "validate": "## `batchgen run",
+    "simulate": "## The simulator",
+    "cost": "### `batchgen cost",
+}
 
 
 def section(title: str) -> str:
@@ -25,7 +29,7 @@ def section(title: str) -> str:
     start = README.index(title)
     level = title.split(" ")[0]
     end = README.find(f"\n{level} ", start + 1)
-    return README[start:end if end != -1 else None]
+    return README[start : end if end != -1 else None]
 
 
 @pytest.mark.parametrize("command", ["run", "validate", "simulate", "cost"])
@@ -33,8 +37,11 @@ def test_every_option_is_in_its_commands_table(command):
     text = section(SECTIONS[command])
     params = cli.commands[command].params
     names = [opt for p in params if isinstance(p, click.Option) for opt in p.opts + p.secondary_opts]
-    missing = [name for name in names if name not in ("-h", "--help")
-               and not re.search(rf"\| `[^|]*{re.escape(name)}\b", text)]
+    missing = [
+        name
+        for name in names
+        if name not in ("-h", "--help") and not re.search(rf"\| `[^|]*{re.escape(name)}\b", text)
+    ]
     assert missing == []
 
 
@@ -55,10 +62,10 @@ def test_environment_variables_are_documented():
 
 
 def test_ci_runs_the_readme_test_command():
-    extracted = subprocess.run(["bash", ".ci/run", "--print"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    assert extracted == ("python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && "
-                         ".venv/bin/pytest")
+    extracted = subprocess.run(
+        ["bash", ".ci/run", "--print"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert extracted == ("python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/pytest")
     assert f"```sh\n{extracted}\n```" in README
 
 

@@ -27,8 +27,23 @@ ROWS = 120
 def start_run(sim, source: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "DASHSCOPE_HTTP_BASE_URL": sim.base_url, "DASHSCOPE_API_KEY": KEY}
     return subprocess.Popen(
-        [sys.executable, "-m", "batchgen.cli", "run", str(source), "-o", str(out), "--id-column",
-         "id", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "batchgen.cli",
+            "run",
+            str(source),
+            "-o",
+            str(out),
+            "--id-column",
+            "id",
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def journalled(out: Path) -> int:
@@ -69,8 +84,10 @@ def test_kill_9_then_resume_sends_only_what_was_in_flight(simulator, tmp_path, a
     done_before = journalled(out)
     served_before = sim.stats.requests
 
-    result = invoke(["run", str(source), "-o", str(out), "--id-column", "id", "-c",
-                     str(concurrency), "--rpm", "60000"], sim)
+    result = invoke(
+        ["run", str(source), "-o", str(out), "--id-column", "id", "-c", str(concurrency), "--rpm", "60000"],
+        sim,
+    )
 
     assert result.exit_code == 0, result.stderr
     frame = pl.read_parquet(out)
@@ -84,8 +101,9 @@ def test_kill_9_then_resume_sends_only_what_was_in_flight(simulator, tmp_path, a
     print(f"kill -9 after {done_before} rows: {resent} request(s) sent again")
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
-                         ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    ("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
 def test_a_signal_stops_gracefully_and_the_run_resumes(simulator, tmp_path, sig, code):
     sim = simulator(latency=0.3)
     source = write_prompts(tmp_path / "in.csv", [f"p{i}" for i in range(60)])
@@ -106,8 +124,9 @@ def test_a_signal_stops_gracefully_and_the_run_resumes(simulator, tmp_path, sig,
     assert journalled(out) == done  # in-flight requests finished and were recorded
     assert sim.stats.requests == done  # none was abandoned mid-way
 
-    again = invoke(["run", str(source), "-o", str(out), "--id-column", "id", "-c", "8",
-                    "--rpm", "60000"], sim)
+    again = invoke(
+        ["run", str(source), "-o", str(out), "--id-column", "id", "-c", "8", "--rpm", "60000"], sim
+    )
     assert again.exit_code == 0
     assert sim.stats.requests == 60
     assert set(pl.read_csv(out)["status"]) == {"ok"}
@@ -147,8 +166,10 @@ def test_a_second_run_on_the_same_output_exits_4_touching_nothing(simulator, tmp
         result = invoke(["run", str(source), "-o", str(out)], sim)
 
     assert result.exit_code == 4
-    assert result.stderr == (f"batchgen: error: another batchgen run (pid {os.getpid()}) is "
-                             f"writing {out}: wait for it to finish, or give this run another -o\n")
+    assert result.stderr == (
+        f"batchgen: error: another batchgen run (pid {os.getpid()}) is "
+        f"writing {out}: wait for it to finish, or give this run another -o\n"
+    )
     assert out.read_text() == "earlier\n"
     assert sim.stats.requests == 0
     assert not journal_path(out).exists()
@@ -181,8 +202,9 @@ def test_changed_rows_are_sent_again_and_counted(simulator, tmp_path):
 
 def test_retryable_errors_are_retried_on_resume_permanent_ones_kept(simulator, tmp_path):
     sim = simulator()
-    source = write_prompts(tmp_path / "in.csv", ["fine", "[sim:DataInspectionFailed] x",
-                                                 "[sim:InternalError] y"])
+    source = write_prompts(
+        tmp_path / "in.csv", ["fine", "[sim:DataInspectionFailed] x", "[sim:InternalError] y"]
+    )
     out = tmp_path / "out.csv"
     args = ["run", str(source), "-o", str(out), "--max-attempts", "1", "--rpm", "60000"]
     assert invoke(args, sim).exit_code == 3
@@ -230,15 +252,34 @@ def test_summary_json_and_json_logs(simulator, tmp_path):
     out = tmp_path / "out.csv"
     summary = tmp_path / "reports" / "summary.json"
 
-    result = invoke(["run", str(source), "-o", str(out), "--summary", str(summary),
-                     "--log-format", "json", "--rpm", "60000"], sim)
+    result = invoke(
+        [
+            "run",
+            str(source),
+            "-o",
+            str(out),
+            "--summary",
+            str(summary),
+            "--log-format",
+            "json",
+            "--rpm",
+            "60000",
+        ],
+        sim,
+    )
 
     assert result.exit_code == 3
     lines = [json.loads(line) for line in result.stderr.splitlines()]
     assert lines[-1]["event"] == "summary" and lines[-1]["rows"]["ok"] == 2
     data = json.loads(summary.read_text())
     assert data["exit_code"] == 3 and data["rows"] == {
-        "total": 3, "ok": 2, "error": 1, "skipped": 0, "resumed": 0, "changed": 0}
+        "total": 3,
+        "ok": 2,
+        "error": 1,
+        "skipped": 0,
+        "resumed": 0,
+        "changed": 0,
+    }
     assert data["error_codes"] == {"DataInspectionFailed": 1}
     assert data["tokens"]["input"] > 0 and data["attempts"] == 3
     assert data["output"] == str(out) and data["job"] is None
@@ -247,8 +288,9 @@ def test_summary_json_and_json_logs(simulator, tmp_path):
 
 def test_summary_is_written_for_a_run_that_could_not_start(tmp_path):
     summary = tmp_path / "summary.json"
-    result = invoke(["run", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "o.csv"),
-                     "--summary", str(summary)])
+    result = invoke(
+        ["run", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "o.csv"), "--summary", str(summary)]
+    )
     assert result.exit_code == 2
     data = json.loads(summary.read_text())
     assert data["exit_code"] == 2 and "input file not found" in data["error"]

@@ -42,8 +42,10 @@ def test_the_committed_nightly_job_is_valid_toml_with_known_keys(tmp_path):
 
 def test_placeholders_are_filled_in_utc():
     now = datetime(2026, 3, 9, 1, 2, 3, tzinfo=UTC)
-    assert fill_placeholders("out/{job}/{date}/{datetime}-{x}.csv", job="nightly", now=now) == \
-        "out/nightly/2026-03-09/2026-03-09T010203Z-{x}.csv"
+    assert (
+        fill_placeholders("out/{job}/{date}/{datetime}-{x}.csv", job="nightly", now=now)
+        == "out/nightly/2026-03-09/2026-03-09T010203Z-{x}.csv"
+    )
 
 
 def test_job_placeholder_needs_a_job(simulator, tmp_path):
@@ -55,7 +57,9 @@ def test_job_placeholder_needs_a_job(simulator, tmp_path):
 def test_command_line_overrides_the_job_file(simulator, tmp_path):
     sim = simulator()
     write_prompts(tmp_path / "in.csv", ["a", "b", "c"])
-    job = write_job(tmp_path / "night.toml", """
+    job = write_job(
+        tmp_path / "night.toml",
+        """
 input = "in.csv"
 output = "out/{job}.csv"
 model = "qwen-max"
@@ -65,9 +69,9 @@ max_tokens = 50
 [parameters]
 presence_penalty = 0.5
 seed = 7
-""")
-    result = invoke(["run", "--job", str(job), "-m", "qwen-turbo", "--limit", "3",
-                     "--param", "seed=8"], sim)
+""",
+    )
+    result = invoke(["run", "--job", str(job), "-m", "qwen-turbo", "--limit", "3", "--param", "seed=8"], sim)
 
     assert result.exit_code == 0, result.stderr
     frame = pl.read_csv(tmp_path / "out" / "night.csv")
@@ -77,36 +81,50 @@ seed = 7
 def test_job_file_values_reach_the_request(simulator, tmp_path):
     sim = simulator()
     write_prompts(tmp_path / "in.csv", ["a"])
-    job = write_job(tmp_path / "j.toml", 'input = "in.csv"\noutput = "o.parquet"\n'
-                    'max_tokens = 3\nsystem = "Be terse."\n')
+    job = write_job(
+        tmp_path / "j.toml", 'input = "in.csv"\noutput = "o.parquet"\nmax_tokens = 3\nsystem = "Be terse."\n'
+    )
     assert invoke(["run", "--job", str(job)], sim).exit_code == 0
     row = pl.read_parquet(tmp_path / "o.parquet").row(0, named=True)
     assert row["finish_reason"] == "length" and row["output_tokens"] == 3
 
 
-@pytest.mark.parametrize(("text", "needle"), [
-    pytest.param('input = "in.csv"\nmodle = "qwen-plus"\n', "unknown key 'modle'; known keys:",
-                 id="unknown-key"),
-    pytest.param('input = "in.csv"\nconcurrency = "16"\n',
-                 "'concurrency' must be a whole number, got a string '16'", id="wrong-type"),
-    pytest.param('input = "in.csv"\nsimulate = "yes"\n', "'simulate' must be true or false",
-                 id="wrong-bool"),
-    pytest.param('input = "in.csv"\nconcurrency = 0\n', "'concurrency': 0 is not in the range",
-                 id="out-of-range"),
-    pytest.param('input = "in.csv"\nendpoint = "fast"\n', "'endpoint': 'fast' is not one of",
-                 id="bad-choice"),
-    pytest.param('input = "in.csv"\nparameters = 3\n', "'parameters' must be a table",
-                 id="parameters-not-table"),
-    pytest.param('input = "in.csv"\nfresh = true\n', "unknown key 'fresh'", id="fresh-not-in-jobs"),
-    pytest.param('input = "in.csv"\n[parameters]\ntop_p = 5\n', "top_p must be in (0, 1]",
-                 id="bad-parameter"),
-    pytest.param('input = "in.csv"\nmodel = qwen\n', "is not valid TOML", id="bad-toml"),
-])
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        pytest.param(
+            'input = "in.csv"\nmodle = "qwen-plus"\n', "unknown key 'modle'; known keys:", id="unknown-key"
+        ),
+        pytest.param(
+            'input = "in.csv"\nconcurrency = "16"\n',
+            "'concurrency' must be a whole number, got a string '16'",
+            id="wrong-type",
+        ),
+        pytest.param(
+            'input = "in.csv"\nsimulate = "yes"\n', "'simulate' must be true or false", id="wrong-bool"
+        ),
+        pytest.param(
+            'input = "in.csv"\nconcurrency = 0\n', "'concurrency': 0 is not in the range", id="out-of-range"
+        ),
+        pytest.param(
+            'input = "in.csv"\nendpoint = "fast"\n', "'endpoint': 'fast' is not one of", id="bad-choice"
+        ),
+        pytest.param(
+            'input = "in.csv"\nparameters = 3\n', "'parameters' must be a table", id="parameters-not-table"
+        ),
+        pytest.param('input = "in.csv"\nfresh = true\n', "unknown key 'fresh'", id="fresh-not-in-jobs"),
+        pytest.param(
+            'input = "in.csv"\n[parameters]\ntop_p = 5\n', "top_p must be in (0, 1]", id="bad-parameter"
+        ),
+        pytest.param('input = "in.csv"\nmodel = qwen\n', "is not valid TOML", id="bad-toml"),
+    ],
+)
 def test_bad_job_files(simulator, tmp_path, text, needle):
     sim = simulator()
     write_prompts(tmp_path / "in.csv", ["a"])
-    job = write_job(tmp_path / "bad.toml", text + 'output = "o.csv"\n' if "[" not in text
-                    else 'output = "o.csv"\n' + text)
+    job = write_job(
+        tmp_path / "bad.toml", text + 'output = "o.csv"\n' if "[" not in text else 'output = "o.csv"\n' + text
+    )
     result = invoke(["run", "--job", str(job)], sim)
     assert result.exit_code == 2, result.stderr
     assert needle in result.stderr
@@ -128,19 +146,24 @@ def test_input_and_output_are_required_without_a_job(tmp_path):
 def test_validate_passes_without_sending(simulator, tmp_path):
     sim = simulator()
     source = write_prompts(tmp_path / "in.csv", ["a", "b"])
-    result = invoke(["validate", str(source), "-o", str(tmp_path / "new" / "o.csv"),
-                     "--template", "Say {prompt}"], sim)
+    result = invoke(
+        ["validate", str(source), "-o", str(tmp_path / "new" / "o.csv"), "--template", "Say {prompt}"], sim
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stderr.startswith("batchgen: ok: 2 rows of")
     assert sim.stats.requests == 0 and not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize(("args", "key", "needle"), [
-    pytest.param(["--template", "{nope}"], "k", "--template field {nope} is not in the input",
-                 id="template"),
-    pytest.param(["--top-p", "3"], "k", "top_p must be in (0, 1]", id="parameter"),
-    pytest.param([], None, "DASHSCOPE_API_KEY", id="no-key"),
-])
+@pytest.mark.parametrize(
+    ("args", "key", "needle"),
+    [
+        pytest.param(
+            ["--template", "{nope}"], "k", "--template field {nope} is not in the input", id="template"
+        ),
+        pytest.param(["--top-p", "3"], "k", "top_p must be in (0, 1]", id="parameter"),
+        pytest.param([], None, "DASHSCOPE_API_KEY", id="no-key"),
+    ],
+)
 def test_validate_fails_with_the_reason(tmp_path, args, key, needle):
     source = write_prompts(tmp_path / "in.csv", ["a"])
     result = invoke(["validate", str(source), "-o", str(tmp_path / "o.csv"), *args], key=key)
@@ -149,16 +172,16 @@ def test_validate_fails_with_the_reason(tmp_path, args, key, needle):
 
 def test_validate_simulate_needs_no_key(tmp_path):
     source = write_prompts(tmp_path / "in.csv", ["a"])
-    result = invoke(["validate", str(source), "-o", str(tmp_path / "o.csv"), "--simulate"],
-                    key=None)
+    result = invoke(["validate", str(source), "-o", str(tmp_path / "o.csv"), "--simulate"], key=None)
     assert result.exit_code == 0
 
 
 def test_a_named_flag_overrides_the_jobs_parameters(simulator, tmp_path):
     sim = simulator()
     write_prompts(tmp_path / "in.csv", ["Tell me a long story about the sea."])
-    job = write_job(tmp_path / "j.toml", 'input = "in.csv"\noutput = "o.csv"\n'
-                    '[parameters]\nmax_tokens = 50\n')
+    job = write_job(
+        tmp_path / "j.toml", 'input = "in.csv"\noutput = "o.csv"\n[parameters]\nmax_tokens = 50\n'
+    )
     result = invoke(["run", "--job", str(job), "--max-tokens", "3"], sim)
     assert result.exit_code == 0, result.stderr
     row = pl.read_csv(tmp_path / "o.csv").row(0, named=True)

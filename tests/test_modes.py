@@ -19,16 +19,18 @@ PROMPTS = [f"Question {i}: what is {i} squared, and why?" for i in range(24)]
 FAST = ["--rpm", "60000", "-c", "8"]
 # Columns that differ between two runs of the same rows by nature.
 VOLATILE = ["request_id", "latency_ms", "finished_at", "attempts"]
-PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwAD"
-                       "hgGAWjR9awAAAABJRU5ErkJggg==")
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
 
 
 def run(sim, source: Path, out: Path, *args: str, key: str | None = KEY):
     return invoke(["run", str(source), "-o", str(out), *FAST, *args], sim, key=key)
 
 
-@pytest.mark.parametrize("thinking", [[], ["--enable-thinking", "--thinking-budget", "40"]],
-                         ids=["plain", "thinking"])
+@pytest.mark.parametrize(
+    "thinking", [[], ["--enable-thinking", "--thinking-budget", "40"]], ids=["plain", "thinking"]
+)
 def test_streamed_and_unstreamed_runs_give_the_same_table(simulator, tmp_path, thinking):
     sim = simulator()
     source = write_prompts(tmp_path / "in.csv", PROMPTS)
@@ -153,15 +155,18 @@ def test_no_stream_on_a_stream_only_model_stops_with_the_fix(simulator, tmp_path
 
 # --- images ------------------------------------------------------------------------------
 
+
 def test_image_rows_with_urls_and_local_files(simulator, tmp_path, monkeypatch):
     sim = simulator()
     data = tmp_path / "data"
     (data / "img").mkdir(parents=True)
     (data / "img" / "cat.png").write_bytes(PNG)
     url = "https://example.com/dog.jpg"
-    source = write_prompts(data / "in.csv", ["What is this?"] * 5,
-                           photo=[url, "img/cat.png", json.dumps([url, "img/cat.png"]),
-                                  "img/missing.png", None])
+    source = write_prompts(
+        data / "in.csv",
+        ["What is this?"] * 5,
+        photo=[url, "img/cat.png", json.dumps([url, "img/cat.png"]), "img/missing.png", None],
+    )
     out = tmp_path / "out.csv"
     monkeypatch.chdir(tmp_path)  # relative paths are read from the table's folder, not here
 
@@ -185,14 +190,13 @@ def test_image_list_column_from_parquet_and_the_openai_api(simulator, tmp_path):
     sim = simulator()
     (tmp_path / "a.png").write_bytes(PNG)
     source = tmp_path / "in.parquet"
-    pl.DataFrame({"prompt": ["Describe", "Compare"],
-                  "images": [["a.png"], ["a.png", "https://example.com/b.png"]]}
-                 ).write_parquet(source)
+    pl.DataFrame(
+        {"prompt": ["Describe", "Compare"], "images": [["a.png"], ["a.png", "https://example.com/b.png"]]}
+    ).write_parquet(source)
     native, openai = tmp_path / "native.parquet", tmp_path / "openai.parquet"
 
     assert run(sim, source, native, "-m", "qwen3-vl-plus", "--image-column", "images").exit_code == 0
-    result = run(sim, source, openai, "-m", "qwen3-vl-plus", "--image-column", "images",
-                 "--api", "openai")
+    result = run(sim, source, openai, "-m", "qwen3-vl-plus", "--image-column", "images", "--api", "openai")
     assert result.exit_code == 0, result.stderr
     a, b = pl.read_parquet(native), pl.read_parquet(openai)
     assert a["reply"].to_list() == b["reply"].to_list()
@@ -224,10 +228,15 @@ def test_an_image_too_large_for_the_gateway_is_a_row_error(simulator, tmp_path):
 
 # --- JSON replies ------------------------------------------------------------------------
 
+
 def test_json_mode_fills_reply_json_valid(simulator, tmp_path):
     sim = simulator()
-    prompts = ["Give json for the weather", "json please [sim:BadJson]", "no magic word",
-               "json about a long story"]
+    prompts = [
+        "Give json for the weather",
+        "json please [sim:BadJson]",
+        "no magic word",
+        "json about a long story",
+    ]
     source = write_prompts(tmp_path / "in.csv", prompts)
     out = tmp_path / "out.csv"
 
@@ -252,17 +261,21 @@ def test_json_mode_without_json_in_any_prompt_is_refused_up_front(simulator, tmp
     source = write_prompts(tmp_path / "in.csv", ["hello", "there"])
     result = run(sim, source, tmp_path / "out.csv", "--json")
     assert result.exit_code == 2 and '"json"' in result.stderr
-    assert run(sim, source, tmp_path / "out.csv", "--json", "--system",
-               "Reply in JSON.").exit_code == 0
+    assert run(sim, source, tmp_path / "out.csv", "--json", "--system", "Reply in JSON.").exit_code == 0
 
 
 def test_json_schema_replies_match_the_schema(simulator, tmp_path):
     sim = simulator()
-    schema = {"type": "object", "properties": {
-        "sentiment": {"enum": ["positive", "negative", "neutral"]},
-        "score": {"type": "number"}, "tags": {"type": "array", "items": {"type": "string"},
-                                              "minItems": 1}},
-        "required": ["sentiment", "score", "tags"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {
+            "sentiment": {"enum": ["positive", "negative", "neutral"]},
+            "score": {"type": "number"},
+            "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        },
+        "required": ["sentiment", "score", "tags"],
+        "additionalProperties": False,
+    }
     (tmp_path / "sentiment.json").write_text(json.dumps(schema))
     source = write_prompts(tmp_path / "in.jsonl", [f"Review {i}: great value" for i in range(5)])
     out = tmp_path / "out.jsonl"
@@ -279,13 +292,13 @@ def test_json_schema_replies_match_the_schema(simulator, tmp_path):
 def test_a_bad_schema_file_is_refused(simulator, tmp_path):
     (tmp_path / "s.json").write_text('{"type": 12}')
     source = write_prompts(tmp_path / "in.csv", ["x"])
-    result = run(simulator(), source, tmp_path / "out.csv", "--json-schema",
-                 str(tmp_path / "s.json"))
+    result = run(simulator(), source, tmp_path / "out.csv", "--json-schema", str(tmp_path / "s.json"))
     assert result.exit_code == 2 and "not a valid JSON Schema" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 # --- the OpenAI-compatible API -----------------------------------------------------------
+
 
 @pytest.mark.parametrize("stream", ["--no-stream", "--stream"])
 def test_openai_route_end_to_end_gives_the_native_table(simulator, tmp_path, stream):
@@ -332,8 +345,9 @@ def test_openai_key_and_base_url_variables(simulator, tmp_path):
     source = write_prompts(tmp_path / "in.csv", PROMPTS[:2])
     base = sim.base_url.replace("/api/v1", "/compatible-mode/v1")
     env = {"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": base}
-    result = CliRunner().invoke(cli, ["run", str(source), "-o", str(tmp_path / "o.csv"),
-                                      "--api", "openai"], env=env)
+    result = CliRunner().invoke(
+        cli, ["run", str(source), "-o", str(tmp_path / "o.csv"), "--api", "openai"], env=env
+    )
     assert result.exit_code == 0, result.stderr
     assert sim.stats.routes["openai"] == 2
     # The native API ignores both: no key.
@@ -343,8 +357,9 @@ def test_openai_key_and_base_url_variables(simulator, tmp_path):
 
 def test_simulate_with_the_openai_api(tmp_path):
     source = write_prompts(tmp_path / "in.csv", PROMPTS[:3])
-    result = invoke(["run", str(source), "-o", str(tmp_path / "o.csv"), "--simulate",
-                     "--api", "openai"], key=None)
+    result = invoke(
+        ["run", str(source), "-o", str(tmp_path / "o.csv"), "--simulate", "--api", "openai"], key=None
+    )
     assert result.exit_code == 0, result.stderr
     assert pl.read_csv(tmp_path / "o.csv")["status"].to_list() == ["ok"] * 3
 
@@ -357,8 +372,7 @@ def test_the_dashscope_key_never_goes_to_another_server(simulator, tmp_path):
     sim = simulator()  # stands in for a vLLM server that accepts KEY
     source = write_prompts(tmp_path / "in.csv", PROMPTS[:2])
     other = sim.base_url.replace("/api/v1", "/compatible-mode/v1")
-    args = ["run", str(source), "-o", str(tmp_path / "o.csv"), "--api", "openai", "--base-url",
-            other]
+    args = ["run", str(source), "-o", str(tmp_path / "o.csv"), "--api", "openai", "--base-url", other]
     secret = {"DASHSCOPE_API_KEY": "sk-dashscope-secret", "DASHSCOPE_WORKSPACE_ID": "ws-1"}
 
     refused = CliRunner().invoke(cli, args, env=secret)
@@ -388,14 +402,14 @@ def test_resumed_json_rows_are_checked_against_todays_schema(simulator, tmp_path
     assert pl.read_csv(out)["reply_json_valid"].to_list() == [False, False]
 
 
-def test_an_image_file_of_another_type_in_a_messages_column_fails_only_its_row(simulator,
-                                                                              tmp_path):
+def test_an_image_file_of_another_type_in_a_messages_column_fails_only_its_row(simulator, tmp_path):
     sim = simulator()
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "a.png").write_bytes(PNG)
-    cells = [json.dumps([{"role": "user", "content": [{"image": (tmp_path / name).as_uri()},
-                                                      {"text": "what?"}]}])
-             for name in ("notes.txt", "a.png")]
+    cells = [
+        json.dumps([{"role": "user", "content": [{"image": (tmp_path / name).as_uri()}, {"text": "what?"}]}])
+        for name in ("notes.txt", "a.png")
+    ]
     source = tmp_path / "in.csv"
     pl.DataFrame({"messages": cells}).write_csv(source)
     out = tmp_path / "out.csv"
@@ -420,9 +434,11 @@ def test_dashscope_rules_apply_to_dashscope_only(simulator, tmp_path):
     assert sim.stats.requests == 0
     # Another server decides for itself: the rows are sent.
     other = sim.base_url.replace("/api/v1", "/compatible-mode/v1")
-    result = CliRunner().invoke(cli, ["run", str(source), "-o", str(tmp_path / "p.csv"), "--api",
-                                      "openai", "--base-url", other, "--json"],
-                                env={"OPENAI_API_KEY": KEY})
+    result = CliRunner().invoke(
+        cli,
+        ["run", str(source), "-o", str(tmp_path / "p.csv"), "--api", "openai", "--base-url", other, "--json"],
+        env={"OPENAI_API_KEY": KEY},
+    )
     assert result.exit_code == 3 and sim.stats.requests == 1  # the simulator, like DashScope, refuses
 
 

@@ -21,8 +21,7 @@ def stats_with(ok: int, error: int, total: int) -> RunStats:
 
 def test_status_line_has_counts_rate_eta_tokens_and_errors():
     line = status_line(stats_with(ok=18, error=2, total=100))
-    assert line == ("20/100 rows (20%) · 2.0 rows/s · ETA 40s · tokens 1,800 in / 720 out · "
-                    "2 errors")
+    assert line == ("20/100 rows (20%) · 2.0 rows/s · ETA 40s · tokens 1,800 in / 720 out · 2 errors")
 
 
 def test_live_mode_redraws_one_line_with_a_bar_and_clears_it():
@@ -45,13 +44,13 @@ def test_live_mode_redraws_one_line_with_a_bar_and_clears_it():
 def test_plain_mode_writes_whole_lines():
     stream = io.StringIO()
     Progress(stream, live=False).draw(stats_with(ok=3, error=1, total=4))
-    assert stream.getvalue() == ("batchgen: 4/4 rows (100%) · 0.4 rows/s · ETA 0s · tokens 300 in "
-                                 "/ 120 out · 1 error\n")
+    assert stream.getvalue() == (
+        "batchgen: 4/4 rows (100%) · 0.4 rows/s · ETA 0s · tokens 300 in / 120 out · 1 error\n"
+    )
 
 
 def test_summary_line():
     stats = stats_with(ok=3, error=1, total=5)
     stats.skipped = 1
     stats.finished = stats.started + 2.5
-    assert summary_line(stats) == ("5 rows: 3 ok, 1 error, 1 skipped · tokens in 300, out 120 · "
-                                   "2.5s")
+    assert summary_line(stats) == ("5 rows: 3 ok, 1 error, 1 skipped · tokens in 300, out 120 · 2.5s")

@@ -59,21 +59,32 @@ SEED_SUCCESS = b"""{
   }
 }"""
 
-RECORDED_AUTH_ERROR = (b'{"code":"InvalidApiKey","message":"Invalid API-key provided.",'
-                       b'"request_id":"a1c0561c-1dfe-98a6-a62f-983577b8bc5e"}')
+RECORDED_AUTH_ERROR = (
+    b'{"code":"InvalidApiKey","message":"Invalid API-key provided.",'
+    b'"request_id":"a1c0561c-1dfe-98a6-a62f-983577b8bc5e"}'
+)
 
 # One SSE data line from the protocol notes: finish_reason is the string "null" mid-stream.
-RECORDED_SSE_DATA = (b'{"output":{"choices":[{"message":{"content":"1","role":"assistant"},'
-                     b'"finish_reason":"null"}]},"usage":{"total_tokens":9,"input_tokens":8,'
-                     b'"output_tokens":1},"request_id":"d272"}')
+RECORDED_SSE_DATA = (
+    b'{"output":{"choices":[{"message":{"content":"1","role":"assistant"},'
+    b'"finish_reason":"null"}]},"usage":{"total_tokens":9,"input_tokens":8,'
+    b'"output_tokens":1},"request_id":"d272"}'
+)
 
 
 def test_recorded_success_is_flattened_to_columns():
-    reply = interpret(200, {"x-request-id": "7c8beccf-3e76-9034-95c1-db1f1ab9d6e0"},
-                      RECORDED_SUCCESS)
-    assert reply == Reply(content="…", reasoning="…", finish_reason="stop",
-                          request_id="7c8beccf-3e76-9034-95c1-db1f1ab9d6e0", input_tokens=12,
-                          output_tokens=21, total_tokens=33, cached_tokens=0, reasoning_tokens=20)
+    reply = interpret(200, {"x-request-id": "7c8beccf-3e76-9034-95c1-db1f1ab9d6e0"}, RECORDED_SUCCESS)
+    assert reply == Reply(
+        content="…",
+        reasoning="…",
+        finish_reason="stop",
+        request_id="7c8beccf-3e76-9034-95c1-db1f1ab9d6e0",
+        input_tokens=12,
+        output_tokens=21,
+        total_tokens=33,
+        cached_tokens=0,
+        reasoning_tokens=20,
+    )
 
 
 def test_seed_body_with_empty_code_is_a_success_and_nulls_stay_null():
@@ -89,8 +100,7 @@ def test_seed_body_with_empty_code_is_a_success_and_nulls_stay_null():
 def test_recorded_auth_error_is_fatal_with_its_request_id():
     error = interpret(401, {}, RECORDED_AUTH_ERROR)
     assert isinstance(error, APIError)
-    assert (error.code, error.http_status, error.disposition) == (
-        "InvalidApiKey", 401, Disposition.FATAL)
+    assert (error.code, error.http_status, error.disposition) == ("InvalidApiKey", 401, Disposition.FATAL)
     assert error.request_id == "a1c0561c-1dfe-98a6-a62f-983577b8bc5e"
     assert "DASHSCOPE_API_KEY" in fatal_hint(error)
 
@@ -101,8 +111,10 @@ def test_streamed_chunk_null_string_finish_reason_is_a_null():
 
 
 def test_multimodal_parts_content_is_joined_and_missing_usage_is_null():
-    body = b'{"output":{"choices":[{"finish_reason":"stop","message":{"role":"assistant",' \
-           b'"content":[{"text":"Hello "},{"text":"there"}]}}]},"request_id":"r1"}'
+    body = (
+        b'{"output":{"choices":[{"finish_reason":"stop","message":{"role":"assistant",'
+        b'"content":[{"text":"Hello "},{"text":"there"}]}}]},"request_id":"r1"}'
+    )
     reply = interpret(200, {}, body)
     assert reply.content == "Hello there"
     assert reply.input_tokens is None and reply.total_tokens is None
@@ -115,8 +127,9 @@ def test_http_200_with_error_code_is_an_error():
     assert error.disposition is Disposition.RETRY and error.request_id == "r2"
 
 
-@pytest.mark.parametrize("raw", [b"", b"<html>502 Bad Gateway</html>", b'{"output": {"choi'],
-                         ids=["empty", "html", "truncated"])
+@pytest.mark.parametrize(
+    "raw", [b"", b"<html>502 Bad Gateway</html>", b'{"output": {"choi'], ids=["empty", "html", "truncated"]
+)
 def test_unparseable_bodies_are_retried(raw):
     error = interpret(200, {"x-request-id": "abc"}, raw)
     assert isinstance(error, APIError)
@@ -130,43 +143,79 @@ def test_retry_after_header_is_kept():
     assert error.retry_after == 3.0
 
 
-@pytest.mark.parametrize(("status", "code", "message", "expected"), [
-    pytest.param(400, "InvalidParameter", "Range of top_p should be (0.0, 1.0]",
-                 Disposition.ROW_ERROR, id="invalid-parameter"),
-    pytest.param(400, "DataInspectionFailed", "Input data may contain inappropriate content.",
-                 Disposition.ROW_ERROR, id="moderation"),
-    pytest.param(413, "BadRequest.TooLarge", "too large", Disposition.ROW_ERROR, id="413"),
-    pytest.param(400, "Arrearage", "Access denied, please make sure your account is in good "
-                 "standing.", Disposition.FATAL, id="arrearage"),
-    pytest.param(401, "InvalidApiKey", "Invalid API-key provided.", Disposition.FATAL, id="key"),
-    pytest.param(403, "AccessDenied.Unpurchased", "x", Disposition.FATAL, id="unpurchased"),
-    pytest.param(403, "AllocationQuota.FreeTierOnly", "x", Disposition.FATAL, id="free-tier"),
-    pytest.param(429, "Throttling.AllocationQuota", "Free allocated quota exceeded.",
-                 Disposition.FATAL, id="free-quota"),
-    pytest.param(400, "InvalidParameter", "Model not exist.", Disposition.FATAL, id="no-model"),
-    pytest.param(404, "ModelNotFound", "x", Disposition.FATAL, id="404"),
-    pytest.param(400, "InvalidParameter", "url error, please check url！", Disposition.FATAL,
-                 id="wrong-route"),
-    pytest.param(408, "RequestTimeOut", "x", Disposition.RETRY, id="408"),
-    pytest.param(409, "Conflict", "x", Disposition.RETRY, id="409"),
-    pytest.param(429, "Throttling.RateQuota", "Requests rate limit exceeded", Disposition.RETRY,
-                 id="rpm"),
-    pytest.param(429, "Throttling", "Request rate increased too quickly", Disposition.RETRY,
-                 id="burst"),
-    pytest.param(500, "InternalError", "x", Disposition.RETRY, id="500"),
-    pytest.param(503, "ServiceUnavailable", "x", Disposition.RETRY, id="503"),
-])
+@pytest.mark.parametrize(
+    ("status", "code", "message", "expected"),
+    [
+        pytest.param(
+            400,
+            "InvalidParameter",
+            "Range of top_p should be (0.0, 1.0]",
+            Disposition.ROW_ERROR,
+            id="invalid-parameter",
+        ),
+        pytest.param(
+            400,
+            "DataInspectionFailed",
+            "Input data may contain inappropriate content.",
+            Disposition.ROW_ERROR,
+            id="moderation",
+        ),
+        pytest.param(413, "BadRequest.TooLarge", "too large", Disposition.ROW_ERROR, id="413"),
+        pytest.param(
+            400,
+            "Arrearage",
+            "Access denied, please make sure your account is in good standing.",
+            Disposition.FATAL,
+            id="arrearage",
+        ),
+        pytest.param(401, "InvalidApiKey", "Invalid API-key provided.", Disposition.FATAL, id="key"),
+        pytest.param(403, "AccessDenied.Unpurchased", "x", Disposition.FATAL, id="unpurchased"),
+        pytest.param(403, "AllocationQuota.FreeTierOnly", "x", Disposition.FATAL, id="free-tier"),
+        pytest.param(
+            429,
+            "Throttling.AllocationQuota",
+            "Free allocated quota exceeded.",
+            Disposition.FATAL,
+            id="free-quota",
+        ),
+        pytest.param(400, "InvalidParameter", "Model not exist.", Disposition.FATAL, id="no-model"),
+        pytest.param(404, "ModelNotFound", "x", Disposition.FATAL, id="404"),
+        pytest.param(
+            400, "InvalidParameter", "url error, please check url！", Disposition.FATAL, id="wrong-route"
+        ),
+        pytest.param(408, "RequestTimeOut", "x", Disposition.RETRY, id="408"),
+        pytest.param(409, "Conflict", "x", Disposition.RETRY, id="409"),
+        pytest.param(
+            429, "Throttling.RateQuota", "Requests rate limit exceeded", Disposition.RETRY, id="rpm"
+        ),
+        pytest.param(429, "Throttling", "Request rate increased too quickly", Disposition.RETRY, id="burst"),
+        pytest.param(500, "InternalError", "x", Disposition.RETRY, id="500"),
+        pytest.param(503, "ServiceUnavailable", "x", Disposition.RETRY, id="503"),
+    ],
+)
 def test_classify(status, code, message, expected):
     assert classify(status, code, message) is expected
 
 
-@pytest.mark.parametrize(("model", "route"), [
-    ("qwen-plus", "text"), ("qwen-max-latest", "text"), ("qwen3-max", "text"),
-    ("qwen-plus-2025-07-28", "text"), ("qwq-plus", "text"), ("qwen3-coder-plus", "text"),
-    ("qwen3.5-plus", "multimodal"), ("qwen3.6-plus", "multimodal"), ("qwen3.7-max", "multimodal"),
-    ("qwen-vl-max", "multimodal"), ("qwen3-vl-plus", "multimodal"), ("qwen-omni-turbo", "multimodal"),
-    ("qwen2.5-vl-72b-instruct", "multimodal"), ("qvq-max", "multimodal"),
-])
+@pytest.mark.parametrize(
+    ("model", "route"),
+    [
+        ("qwen-plus", "text"),
+        ("qwen-max-latest", "text"),
+        ("qwen3-max", "text"),
+        ("qwen-plus-2025-07-28", "text"),
+        ("qwq-plus", "text"),
+        ("qwen3-coder-plus", "text"),
+        ("qwen3.5-plus", "multimodal"),
+        ("qwen3.6-plus", "multimodal"),
+        ("qwen3.7-max", "multimodal"),
+        ("qwen-vl-max", "multimodal"),
+        ("qwen3-vl-plus", "multimodal"),
+        ("qwen-omni-turbo", "multimodal"),
+        ("qwen2.5-vl-72b-instruct", "multimodal"),
+        ("qvq-max", "multimodal"),
+    ],
+)
 def test_route_for_model(model, route):
     assert route_for_model(model) == route
 
@@ -174,19 +223,29 @@ def test_route_for_model(model, route):
 def test_body_has_three_keys_and_multimodal_wraps_every_message():
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     text = build_body("qwen-plus", messages, {"temperature": 0.5}, "text")
-    assert text == {"model": "qwen-plus", "input": {"messages": messages},
-                    "parameters": {"result_format": "message", "temperature": 0.5}}
+    assert text == {
+        "model": "qwen-plus",
+        "input": {"messages": messages},
+        "parameters": {"result_format": "message", "temperature": 0.5},
+    }
     multi = build_body("qwen3.6-plus", messages, {}, "multimodal")
     assert multi["input"]["messages"] == [
         {"role": "system", "content": [{"text": "Be brief."}]},
-        {"role": "user", "content": [{"text": "Hi"}]}]
+        {"role": "user", "content": [{"text": "Hi"}]},
+    ]
     assert messages[0]["content"] == "Be brief."  # the caller's list is not modified
 
 
-@pytest.mark.parametrize("raw", [
-    b'{"output": "oops"}', b'{"output": {"choices": "x"}}', b'{"request_id": "r"}',
-    b'{"output": {"choices": [{"message": "hi"}]}, "usage": "none"}',
-], ids=["output-str", "choices-str", "no-output", "message-str"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"output": "oops"}',
+        b'{"output": {"choices": "x"}}',
+        b'{"request_id": "r"}',
+        b'{"output": {"choices": [{"message": "hi"}]}, "usage": "none"}',
+    ],
+    ids=["output-str", "choices-str", "no-output", "message-str"],
+)
 def test_odd_200_bodies_never_crash(raw):
     result = interpret(200, {}, raw)
     if isinstance(result, APIError):
@@ -196,7 +255,8 @@ def test_odd_200_bodies_never_crash(raw):
 
 
 def test_stream_only_models_stop_the_run_with_a_hint():
-    error = interpret(400, {}, b'{"code":"InvalidParameter","message":'
-                               b'"parameter.enable_thinking only support stream call"}')
+    error = interpret(
+        400, {}, b'{"code":"InvalidParameter","message":"parameter.enable_thinking only support stream call"}'
+    )
     assert error.disposition is Disposition.FATAL
     assert "--no-stream" in fatal_hint(error)

@@ -100,13 +100,15 @@ def test_output_estimate_is_a_high_percentile_capped_by_max_tokens():
     assert governor.output_estimate(50, 512) == 50
 
 
-@pytest.mark.parametrize(("code", "message", "kind"), [
-    ("Throttling.RateQuota", "Requests rate limit exceeded, please try again later.", REQUESTS),
-    ("Throttling", "Requests throttling triggered.", REQUESTS),
-    ("Throttling.AllocationQuota", "Allocated quota exceeded, please increase your quota limit.",
-     TOKENS),
-    ("Throttling", "Request rate increased too quickly, please ramp up gradually.", BURST),
-    ("InternalError", "boom", None),
-])
+@pytest.mark.parametrize(
+    ("code", "message", "kind"),
+    [
+        ("Throttling.RateQuota", "Requests rate limit exceeded, please try again later.", REQUESTS),
+        ("Throttling", "Requests throttling triggered.", REQUESTS),
+        ("Throttling.AllocationQuota", "Allocated quota exceeded, please increase your quota limit.", TOKENS),
+        ("Throttling", "Request rate increased too quickly, please ramp up gradually.", BURST),
+        ("InternalError", "boom", None),
+    ],
+)
 def test_throttle_kinds_are_told_apart(code, message, kind):
     assert throttle_kind(code, message) == kind

@@ -13,10 +13,18 @@ from batchgen.config import RunConfig
 from batchgen.runner import arun
 
 
-@pytest.mark.parametrize(("attempt", "low", "high"), [
-    (1, 0.375, 0.625), (2, 0.75, 1.25), (3, 1.5, 2.5), (4, 3.0, 5.0), (5, 6.0, 10.0),
-    (6, 6.0, 10.0), (20, 6.0, 10.0),
-])
+@pytest.mark.parametrize(
+    ("attempt", "low", "high"),
+    [
+        (1, 0.375, 0.625),
+        (2, 0.75, 1.25),
+        (3, 1.5, 2.5),
+        (4, 3.0, 5.0),
+        (5, 6.0, 10.0),
+        (6, 6.0, 10.0),
+        (20, 6.0, 10.0),
+    ],
+)
 def test_backoff_is_exponential_capped_with_25_percent_jitter(attempt, low, high):
     assert backoff_seconds(attempt, rand=lambda: 0.0) == pytest.approx(low)
     assert backoff_seconds(attempt, rand=lambda: 1.0) == pytest.approx(high)

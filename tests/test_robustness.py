@@ -22,8 +22,14 @@ from batchgen.simulator import simulated_reply
 def test_nested_and_binary_columns_are_written_to_csv_as_text(simulator, tmp_path):
     sim = simulator()
     source = tmp_path / "in.parquet"
-    pl.DataFrame({"prompt": ["a", "b"], "tags": [["x", "y"], None],
-                  "meta": [{"n": 1}, {"n": 2}], "blob": [b"\x00\x01", b"hi"]}).write_parquet(source)
+    pl.DataFrame(
+        {
+            "prompt": ["a", "b"],
+            "tags": [["x", "y"], None],
+            "meta": [{"n": 1}, {"n": 2}],
+            "blob": [b"\x00\x01", b"hi"],
+        }
+    ).write_parquet(source)
 
     result = invoke(["run", str(source), "-o", str(tmp_path / "o.csv")], sim)
 
@@ -69,16 +75,29 @@ def test_a_server_speaking_broken_http_costs_no_traceback(garbage_server, tmp_pa
     source = write_prompts(tmp_path / "in.csv", [f"p{i}" for i in range(8)])
     out = tmp_path / "o.csv"
 
-    result = invoke(["run", str(source), "-o", str(out), "--base-url", garbage_server,
-                     "--max-attempts", "2", "--rpm", "60000", "-c", "2"])
+    result = invoke(
+        [
+            "run",
+            str(source),
+            "-o",
+            str(out),
+            "--base-url",
+            garbage_server,
+            "--max-attempts",
+            "2",
+            "--rpm",
+            "60000",
+            "-c",
+            "2",
+        ]
+    )
 
     assert "Traceback" not in result.stderr
     assert result.exit_code == 1
     assert "batchgen.Unreachable" in result.stderr and "--base-url" in result.stderr
     frame = pl.read_csv(out)
     assert frame.height == 8 and set(frame["status"]) <= {"error", "skipped"}
-    assert "ClientResponseError" in frame["error_message"][0] or \
-        "Content-Length" in frame["error_message"][0]
+    assert "ClientResponseError" in frame["error_message"][0] or "Content-Length" in frame["error_message"][0]
 
 
 def test_an_unreachable_service_stops_the_run_and_keeps_the_old_output(tmp_path):
@@ -86,8 +105,20 @@ def test_an_unreachable_service_stops_the_run_and_keeps_the_old_output(tmp_path)
     out = tmp_path / "o.csv"
     out.write_text("yesterday\n")
 
-    result = invoke(["run", str(source), "-o", str(out), "--base-url",
-                     "http://127.0.0.1:9/api/v1", "--max-attempts", "1", "--rpm", "60000"])
+    result = invoke(
+        [
+            "run",
+            str(source),
+            "-o",
+            str(out),
+            "--base-url",
+            "http://127.0.0.1:9/api/v1",
+            "--max-attempts",
+            "1",
+            "--rpm",
+            "60000",
+        ]
+    )
 
     assert result.exit_code == 1
     assert "5 rows in a row got no answer from http://127.0.0.1:9/api/v1" in result.stderr
@@ -99,15 +130,17 @@ def test_a_fatal_answer_stops_waiting_rows_at_once_even_at_low_rpm(simulator, tm
     sim = simulator()
     source = write_prompts(tmp_path / "in.csv", [f"p{i}" for i in range(16)])
     started = time.monotonic()
-    result = invoke(["run", str(source), "-o", str(tmp_path / "o.csv"), "--rpm", "6", "-c", "8"],
-                    sim, key="sk-wrong-key")
+    result = invoke(
+        ["run", str(source), "-o", str(tmp_path / "o.csv"), "--rpm", "6", "-c", "8"], sim, key="sk-wrong-key"
+    )
     assert result.exit_code == 1
     assert time.monotonic() - started < 3  # not 10 s per pacing slot
     assert sim.stats.requests == 1
 
 
-@pytest.mark.parametrize("key", ["sk-abc\u201d", "sk-abc\ndef", "sk abc"],
-                         ids=["curly-quote", "newline", "space"])
+@pytest.mark.parametrize(
+    "key", ["sk-abc\u201d", "sk-abc\ndef", "sk abc"], ids=["curly-quote", "newline", "space"]
+)
 def test_a_mangled_key_is_refused_before_sending(simulator, tmp_path, key):
     sim = simulator()
     source = write_prompts(tmp_path / "in.csv", ["a"])
@@ -128,8 +161,9 @@ def test_a_list_prompt_column_is_a_usage_error(simulator, tmp_path):
 
 def test_a_template_with_a_nested_field_is_a_usage_error(simulator, tmp_path):
     source = write_prompts(tmp_path / "in.csv", ["a"])
-    result = invoke(["run", str(source), "-o", str(tmp_path / "o.csv"), "--template",
-                     "{prompt:{w}}"], simulator())
+    result = invoke(
+        ["run", str(source), "-o", str(tmp_path / "o.csv"), "--template", "{prompt:{w}}"], simulator()
+    )
     assert result.exit_code == 2 and "cannot be filled from row 0" in result.stderr
 
 
@@ -142,26 +176,39 @@ def test_jsonl_conversations_are_sent_exactly_as_written(simulator, tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    result = invoke(["run", str(source), "-o", str(tmp_path / "o.jsonl"), "--messages-column",
-                     "conv", "-m", "qwen3.6-plus"], sim)
+    result = invoke(
+        [
+            "run",
+            str(source),
+            "-o",
+            str(tmp_path / "o.jsonl"),
+            "--messages-column",
+            "conv",
+            "-m",
+            "qwen3.6-plus",
+        ],
+        sim,
+    )
 
     assert result.exit_code == 0, result.stderr
     replies = pl.read_ndjson(tmp_path / "o.jsonl")["reply"].to_list()
-    assert replies[0] == simulated_reply(
-        "qwen3.6-plus", [{"role": "user", "content": [{"text": "Describe it."}]}]).content
+    assert (
+        replies[0]
+        == simulated_reply("qwen3.6-plus", [{"role": "user", "content": [{"text": "Describe it."}]}]).content
+    )
     assert replies[1] == simulated_reply("qwen3.6-plus", rows[1]["conv"]).content
 
 
 def test_parquet_conversations_lose_their_null_fields(simulator, tmp_path):
     sim = simulator()
     source = tmp_path / "in.parquet"
-    pl.DataFrame({"conv": [[{"role": "user", "content": "Hi", "name": None}]]}).write_parquet(
-        source)
-    result = invoke(["run", str(source), "-o", str(tmp_path / "o.csv"), "--messages-column",
-                     "conv"], sim)
+    pl.DataFrame({"conv": [[{"role": "user", "content": "Hi", "name": None}]]}).write_parquet(source)
+    result = invoke(["run", str(source), "-o", str(tmp_path / "o.csv"), "--messages-column", "conv"], sim)
     assert result.exit_code == 0, result.stderr
-    assert pl.read_csv(tmp_path / "o.csv")["reply"][0] == simulated_reply(
-        "qwen-plus", [{"role": "user", "content": "Hi"}]).content
+    assert (
+        pl.read_csv(tmp_path / "o.csv")["reply"][0]
+        == simulated_reply("qwen-plus", [{"role": "user", "content": "Hi"}]).content
+    )
 
 
 def test_ctrl_c_outside_the_run_exits_130(monkeypatch, capsys):
@@ -180,8 +227,9 @@ def test_key_not_in_any_output_file(simulator, tmp_path):
     source = write_prompts(tmp_path / "in.csv", ["a", "b", "c"])
     out = tmp_path / "o.parquet"
     summary = tmp_path / "s.json"
-    result = invoke(["run", str(source), "-o", str(out), "--summary", str(summary),
-                     "--log-format", "json"], sim)
+    result = invoke(
+        ["run", str(source), "-o", str(out), "--summary", str(summary), "--log-format", "json"], sim
+    )
     assert result.exit_code == 0
     for path in tmp_path.rglob("*"):
         if path.is_file():
@@ -197,12 +245,16 @@ class _ProxyHandler(socketserver.BaseRequestHandler):
         while b"\r\n\r\n" not in data:
             data += self.request.recv(65536)
         _ProxyHandler.seen.append(data.split(b"\r\n", 1)[0])
-        body = (b'{"output":{"choices":[{"finish_reason":"stop","message":{"role":"assistant",'
-                b'"content":"via proxy"}}]},"usage":{"input_tokens":3,"output_tokens":2,'
-                b'"total_tokens":5},"request_id":"p1"}')
-        self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: " + str(len(body)).encode() + b"\r\n"
-                             b"Connection: close\r\n\r\n" + body)
+        body = (
+            b'{"output":{"choices":[{"finish_reason":"stop","message":{"role":"assistant",'
+            b'"content":"via proxy"}}]},"usage":{"input_tokens":3,"output_tokens":2,'
+            b'"total_tokens":5},"request_id":"p1"}'
+        )
+        self.request.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+            b"Connection: close\r\n\r\n" + body
+        )
 
 
 def test_http_proxy_from_the_environment_is_used(tmp_path, monkeypatch):
@@ -212,12 +264,21 @@ def test_http_proxy_from_the_environment_is_used(tmp_path, monkeypatch):
     try:
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.server_address[1]}")
         source = write_prompts(tmp_path / "in.csv", ["a"])
-        result = invoke(["run", str(source), "-o", str(tmp_path / "o.csv"), "--base-url",
-                         "http://dashscope.invalid/api/v1"])
+        result = invoke(
+            [
+                "run",
+                str(source),
+                "-o",
+                str(tmp_path / "o.csv"),
+                "--base-url",
+                "http://dashscope.invalid/api/v1",
+            ]
+        )
         assert result.exit_code == 0, result.stderr
         assert pl.read_csv(tmp_path / "o.csv")["reply"][0] == "via proxy"
-        assert _ProxyHandler.seen == [b"POST http://dashscope.invalid/api/v1/services/aigc/"
-                                      b"text-generation/generation HTTP/1.1"]
+        assert _ProxyHandler.seen == [
+            b"POST http://dashscope.invalid/api/v1/services/aigc/text-generation/generation HTTP/1.1"
+        ]
     finally:
         server.shutdown()
         server.server_close()

@@ -22,8 +22,15 @@ def read(path: Path) -> pl.DataFrame:
 
 
 def test_every_row_ok_in_order_despite_20_percent_faults(simulator, tmp_path):
-    sim = simulator(latency=0.01, fault_429=0.05, fault_500=0.05, fault_drop=0.04,
-                    fault_truncate=0.03, fault_200_error=0.03, seed=7)
+    sim = simulator(
+        latency=0.01,
+        fault_429=0.05,
+        fault_500=0.05,
+        fault_drop=0.04,
+        fault_truncate=0.03,
+        fault_200_error=0.03,
+        seed=7,
+    )
     source = write_prompts(tmp_path / "in.csv", PROMPTS)
     out = tmp_path / "out.parquet"
 
@@ -50,8 +57,7 @@ def test_every_row_ok_in_order_despite_20_percent_faults(simulator, tmp_path):
 
 def test_output_has_input_columns_then_documented_columns_with_nulls(simulator, tmp_path):
     sim = simulator()
-    source = write_prompts(tmp_path / "in.parquet", ["Hello there", "   "],
-                           extra=["a", "b"])
+    source = write_prompts(tmp_path / "in.parquet", ["Hello there", "   "], extra=["a", "b"])
     out = tmp_path / "out.parquet"
 
     result = invoke(["run", str(source), "-o", str(out), *FAST], sim)
@@ -83,8 +89,14 @@ def test_each_output_format_round_trips(simulator, tmp_path, suffix):
 
 def test_row_errors_are_recorded_and_the_run_goes_on(simulator, tmp_path):
     sim = simulator()
-    prompts = ["fine", "[sim:DataInspectionFailed] bad", "", "[sim:InternalError] flaky",
-               "[sim:InvalidParameter] odd", "also fine"]
+    prompts = [
+        "fine",
+        "[sim:DataInspectionFailed] bad",
+        "",
+        "[sim:InternalError] flaky",
+        "[sim:InvalidParameter] odd",
+        "also fine",
+    ]
     source = write_prompts(tmp_path / "in.csv", prompts)
     out = tmp_path / "out.csv"
 
@@ -94,8 +106,13 @@ def test_row_errors_are_recorded_and_the_run_goes_on(simulator, tmp_path):
     frame = pl.read_csv(out)
     assert frame["status"].to_list() == ["ok", "error", "error", "error", "error", "ok"]
     assert frame["error_code"].to_list() == [
-        None, "DataInspectionFailed", "batchgen.EmptyPrompt", "InternalError", "InvalidParameter",
-        None]
+        None,
+        "DataInspectionFailed",
+        "batchgen.EmptyPrompt",
+        "InternalError",
+        "InvalidParameter",
+        None,
+    ]
     assert frame["attempts"].to_list() == [1, 1, 0, 2, 1, 1]
     assert frame["error_message"][3].startswith("gave up after 2 attempts")
     assert frame["http_status"].to_list() == [200, 400, None, 500, 400, 200]
@@ -109,8 +126,7 @@ def test_a_rejected_key_stops_the_run_fast_and_still_writes_every_row(simulator,
     out = tmp_path / "out.csv"
 
     started = time.monotonic()
-    result = invoke(["run", str(source), "-o", str(out), "-c", "4", "--rpm", "6000"], sim,
-                    key="sk-wrong")
+    result = invoke(["run", str(source), "-o", str(out), "-c", "4", "--rpm", "6000"], sim, key="sk-wrong")
 
     assert time.monotonic() - started < 5
     assert result.exit_code == 1
@@ -160,8 +176,7 @@ def test_requests_are_paced_per_second(simulator, tmp_path):
     source = write_prompts(tmp_path / "in.csv", [f"p{i}" for i in range(45)])
 
     started = time.monotonic()
-    result = invoke(["run", str(source), "-o", str(tmp_path / "o.csv"), "--rpm", "600", "-c", "50"],
-                    sim)
+    result = invoke(["run", str(source), "-o", str(tmp_path / "o.csv"), "--rpm", "600", "-c", "50"], sim)
     elapsed = time.monotonic() - started
 
     assert result.exit_code == 0
@@ -193,20 +208,38 @@ def test_a_hanging_request_times_out_and_is_retried(simulator, tmp_path):
 def test_template_system_and_generation_parameters(simulator, tmp_path):
     sim = simulator()
     source = tmp_path / "in.csv"
-    pl.DataFrame({"text": ["The cat sat.", "Rain fell all day."], "tone": ["dry", None]}).write_csv(
-        source)
+    pl.DataFrame({"text": ["The cat sat.", "Rain fell all day."], "tone": ["dry", None]}).write_csv(source)
     out = tmp_path / "out.parquet"
 
-    result = invoke(["run", str(source), "-o", str(out), *FAST, "--template",
-                     "Summarize in a {tone} tone: {text}", "--system", "Be brief.",
-                     "--max-tokens", "6", "--enable-thinking"], sim)
+    result = invoke(
+        [
+            "run",
+            str(source),
+            "-o",
+            str(out),
+            *FAST,
+            "--template",
+            "Summarize in a {tone} tone: {text}",
+            "--system",
+            "Be brief.",
+            "--max-tokens",
+            "6",
+            "--enable-thinking",
+        ],
+        sim,
+    )
 
     assert result.exit_code == 3  # the null {tone} makes row 2 an error, never sent
     row = pl.read_parquet(out).row(0, named=True)
     expected = simulated_reply(
-        "qwen-plus", [{"role": "system", "content": "Be brief."},
-                      {"role": "user", "content": "Summarize in a dry tone: The cat sat."}],
-        max_tokens=6, enable_thinking=True)
+        "qwen-plus",
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Summarize in a dry tone: The cat sat."},
+        ],
+        max_tokens=6,
+        enable_thinking=True,
+    )
     assert row["reply"] == expected.content
     assert row["finish_reason"] == "length"
     assert row["reasoning"] == expected.reasoning and row["reasoning_tokens"] > 0
@@ -216,19 +249,21 @@ def test_template_system_and_generation_parameters(simulator, tmp_path):
 def test_messages_column_and_system_column(simulator, tmp_path):
     sim = simulator()
     source = tmp_path / "in.jsonl"
-    conversation = ('[{"role":"user","content":"Hi"},{"role":"assistant","content":"Hello!"},'
-                    '{"role":"user","content":"And in French?"}]')
-    pl.DataFrame({"conv": [conversation, "not json"], "sys": ["Translate.", None]}).write_ndjson(
-        source)
+    conversation = (
+        '[{"role":"user","content":"Hi"},{"role":"assistant","content":"Hello!"},'
+        '{"role":"user","content":"And in French?"}]'
+    )
+    pl.DataFrame({"conv": [conversation, "not json"], "sys": ["Translate.", None]}).write_ndjson(source)
     out = tmp_path / "out.csv"
 
-    result = invoke(["run", str(source), "-o", str(out), *FAST, "--messages-column", "conv",
-                     "--system-column", "sys"], sim)
+    result = invoke(
+        ["run", str(source), "-o", str(out), *FAST, "--messages-column", "conv", "--system-column", "sys"],
+        sim,
+    )
 
     assert result.exit_code == 3
     frame = pl.read_csv(out)
-    messages = [{"role": "system", "content": "Translate."},
-                *__import__("json").loads(conversation)]
+    messages = [{"role": "system", "content": "Translate."}, *__import__("json").loads(conversation)]
     assert frame["reply"][0] == simulated_reply("qwen-plus", messages).content
     assert frame["error_code"][1] == "batchgen.InvalidMessages"
 
@@ -239,11 +274,16 @@ def test_multimodal_models_use_their_route_and_a_wrong_route_is_fatal(simulator,
 
     ok = invoke(["run", str(source), "-o", str(tmp_path / "a.csv"), "-m", "qwen3.6-plus"], sim)
     assert ok.exit_code == 0
-    assert pl.read_csv(tmp_path / "a.csv")["reply"][0] == simulated_reply(
-        "qwen3.6-plus", [{"role": "user", "content": [{"text": "Describe a sunset."}]}]).content
+    assert (
+        pl.read_csv(tmp_path / "a.csv")["reply"][0]
+        == simulated_reply(
+            "qwen3.6-plus", [{"role": "user", "content": [{"text": "Describe a sunset."}]}]
+        ).content
+    )
 
-    wrong = invoke(["run", str(source), "-o", str(tmp_path / "b.csv"), "-m", "qwen3.6-plus",
-                    "--endpoint", "text"], sim)
+    wrong = invoke(
+        ["run", str(source), "-o", str(tmp_path / "b.csv"), "-m", "qwen3.6-plus", "--endpoint", "text"], sim
+    )
     assert wrong.exit_code == 1
     assert "url error" in wrong.stderr and "--endpoint multimodal" in wrong.stderr
 
@@ -251,8 +291,7 @@ def test_multimodal_models_use_their_route_and_a_wrong_route_is_fatal(simulator,
 def test_unknown_model_is_fatal(simulator, tmp_path):
     sim = simulator()
     source = write_prompts(tmp_path / "in.csv", ["a", "b", "c"])
-    result = invoke(["run", str(source), "-o", str(tmp_path / "o.csv"), "-m", "qwen-nope",
-                     "-c", "1"], sim)
+    result = invoke(["run", str(source), "-o", str(tmp_path / "o.csv"), "-m", "qwen-nope", "-c", "1"], sim)
     assert result.exit_code == 1
     assert "no such model" in result.stderr
     assert sim.stats.requests == 1
@@ -262,8 +301,9 @@ def test_workspace_header_and_limit(simulator, tmp_path):
     sim = simulator()
     source = write_prompts(tmp_path / "in.csv", [f"p{i}" for i in range(10)])
     out = tmp_path / "out.csv"
-    result = invoke(["run", str(source), "-o", str(out), *FAST, "--limit", "3",
-                     "--workspace", "ws-123", "-q"], sim)
+    result = invoke(
+        ["run", str(source), "-o", str(out), *FAST, "--limit", "3", "--workspace", "ws-123", "-q"], sim
+    )
     assert result.exit_code == 0
     assert result.stderr == ""  # --quiet
     assert pl.read_csv(out).height == 3
