@@ -66,7 +66,7 @@ def _reasoning(message: Mapping[str, Any]) -> str | None:
     value = message.get("reasoning_content")
     if value is None:
         value = message.get("reasoning")
-    return _text_of(value) or None
+    return _text_of(value)
 
 
 def _usage(usage: Mapping[str, Any]) -> dict[str, int | None]:

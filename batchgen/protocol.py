@@ -163,12 +163,15 @@ class APIError:
 
 
 def _text_of(content: Any) -> str | None:
-    """Message content as a string: the text route gives a string, the multimodal a parts list."""
+    """Message content as a string: the text route gives a string, the multimodal a parts list.
+
+    No text is None, never "": a tool call or a reply cut while thinking has ``"content": ""``.
+    """
     if content is None or isinstance(content, str):
-        return content
+        return content or None
     if isinstance(content, list):
         texts = [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
-        return "".join(texts) if texts else None
+        return "".join(texts) or None
     return str(content)
 
 
@@ -203,7 +206,7 @@ def parse_reply(body: Mapping[str, Any], request_id: str | None = None) -> Reply
     request = body.get("request_id")
     return Reply(
         content=content,
-        reasoning=_text_of(message.get("reasoning_content")) or None,
+        reasoning=_text_of(message.get("reasoning_content")),
         finish_reason=finish if isinstance(finish, str) else None,
         request_id=request if isinstance(request, str) and request else request_id,
         input_tokens=input_tokens,
@@ -237,10 +240,13 @@ _FATAL_CODES = frozenset(
         # OpenAI-compatible mode's names for the same verdicts
         "invalid_api_key",
         "model_not_found",
-        "insufficient_quota",
         "access_denied",
     }
 )
+# DashScope's compatible mode answers a token-rate overshoot (Throttling.AllocationQuota, which
+# clears within the minute) with 429 "insufficient_quota" ("You exceeded your current quota ...
+# #token-limit"): a throttle. Only these wordings of it mean that paying more is the fix.
+_QUOTA_GONE = ("free allocated quota exceeded", "platform.openai.com")
 # HTTP 200 bodies carrying one of these codes are transient server trouble, not a verdict.
 _RETRYABLE_CODE_PREFIXES = (
     "Throttling",
@@ -253,6 +259,7 @@ _RETRYABLE_CODE_PREFIXES = (
     "server_error",
     "limit_requests",
     "rate_limit",
+    "insufficient_quota",
 )
 
 
@@ -262,7 +269,7 @@ def classify(http_status: int | None, code: str, message: str) -> Disposition:
     if (
         code in _FATAL_CODES
         or code.startswith("AccessDenied")
-        or "free allocated quota exceeded" in lowered
+        or any(phrase in lowered for phrase in _QUOTA_GONE)
         or "model not exist" in lowered
         or "url error" in lowered
         or "only support stream" in lowered
@@ -403,7 +410,7 @@ class StreamAssembler:
         ):
             usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]  # type: ignore[operator]
         return Reply(
-            content="".join(self._content),
+            content="".join(self._content) or None,
             reasoning="".join(self._reasoning) or None,
             finish_reason=self._finish,
             request_id=self.request_id,

@@ -42,7 +42,11 @@ def throttle_kind(code: str, message: str) -> str | None:
     lowered = message.lower()
     if "increased too quickly" in lowered or "burst" in lowered:
         return BURST
-    if code == "Throttling.AllocationQuota" or "token" in lowered or "allocated quota" in lowered:
+    if (
+        code in ("Throttling.AllocationQuota", "insufficient_quota")
+        or "token" in lowered
+        or ("allocated quota" in lowered)
+    ):
         return TOKENS
     if code.startswith("Throttling") or code in ("limit_requests", "rate_limit_exceeded"):
         return REQUESTS

@@ -133,6 +133,11 @@ _MSG_JSON_WORD = (
 )
 _MSG_TOO_LARGE = "Request body too large."
 _MSG_OPENAI_INVALID_KEY = "Incorrect API key provided."
+# Compatible mode's wording of the token-rate throttle (recorded from the real service).
+_MSG_OPENAI_TOKEN_QUOTA = (
+    "You exceeded your current quota, please check your plan and billing details. For details, "
+    "see: https://help.aliyun.com/zh/model-studio/error-code#token-limit"
+)
 
 # Test markers: a prompt containing "[sim:NAME]" gets this error instead of a reply, so
 # end-to-end tests can aim a specific failure at a specific row. Two more markers act later:
@@ -174,7 +179,7 @@ _BAD_JSON_MARKER = "[sim:BadJson]"
 # |-------------------------------------------------|-------------|------------------------------|
 # | InvalidApiKey (401)                             | 401         | invalid_api_key              |
 # | Throttling.RateQuota (429), fault_429           | 429         | limit_requests               |
-# | Throttling.AllocationQuota, token quota (429)   | 429         | limit_requests               |
+# | Throttling.AllocationQuota, token quota (429)   | 429         | insufficient_quota (#token-limit) |
 # | Throttling.AllocationQuota, free quota (429)    | 429         | insufficient_quota           |
 # | InvalidParameter "Model not exist." (400)       | 404         | model_not_found              |
 # | InvalidParameter, BadRequest.Empty* (400)       | 400         | invalid_parameter_error      |
@@ -190,7 +195,6 @@ _BAD_JSON_MARKER = "[sim:BadJson]"
 _OPENAI_ERRORS: dict[str, tuple[int | None, str, str]] = {
     "InvalidApiKey": (None, "invalid_api_key", "invalid_request_error"),
     "Throttling.RateQuota": (None, "limit_requests", "limit_requests"),
-    "Throttling.AllocationQuota": (None, "limit_requests", "limit_requests"),
     "InvalidParameter": (None, "invalid_parameter_error", "invalid_request_error"),
     "BadRequest.EmptyModel": (None, "invalid_parameter_error", "invalid_request_error"),
     "BadRequest.EmptyInput": (None, "invalid_parameter_error", "invalid_request_error"),
@@ -901,6 +905,8 @@ def _openai_error(error: _ApiError, request_id: str) -> tuple[int, dict[str, Any
         status, code, kind, message = 401, "invalid_api_key", "invalid_request_error", _MSG_OPENAI_INVALID_KEY
     elif error.message == _MSG_FREE_QUOTA:
         status, code, kind, message = 429, "insufficient_quota", "insufficient_quota", _MSG_FREE_QUOTA
+    elif error.code == "Throttling.AllocationQuota":
+        status, code, kind, message = 429, "insufficient_quota", "insufficient_quota", _MSG_OPENAI_TOKEN_QUOTA
     else:
         fixed_status, code, kind = _OPENAI_ERRORS.get(error.code, (500, "internal_error", "internal_error"))
         status, message = fixed_status or error.status, error.message

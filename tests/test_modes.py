@@ -449,3 +449,18 @@ def test_a_text_only_row_gets_the_same_reply_on_every_route(simulator, tmp_path)
     assert run(sim, source, native, "-m", "qwen3-vl-plus").exit_code == 0
     assert run(sim, source, openai, "-m", "qwen3-vl-plus", "--api", "openai").exit_code == 0
     assert pl.read_csv(native)["reply"].to_list() == pl.read_csv(openai)["reply"].to_list()
+
+
+def test_a_compatible_mode_token_throttle_is_retried_and_slows_the_token_rate(simulator, tmp_path):
+    # DashScope's compatible mode words its TPM throttle as 429 insufficient_quota (#token-limit):
+    # a throttle that clears within the minute, not an empty account.
+    sim = simulator(tpm=6000)  # 100 tokens a second: these rows overshoot it at once
+    source = write_prompts(tmp_path / "in.csv", PROMPTS[:10])
+    out = tmp_path / "out.parquet"
+
+    result = run(sim, source, out, "--api", "openai", "--max-tokens", "20")
+
+    assert result.exit_code == 0, result.stderr
+    assert sim.stats.outcomes["quota_tpm_429"] > 0
+    assert pl.read_parquet(out)["status"].unique().to_list() == ["ok"]
+    assert "stopped" not in result.stderr

@@ -191,10 +191,63 @@ def test_retry_after_header_is_kept():
         pytest.param(429, "Throttling", "Request rate increased too quickly", Disposition.RETRY, id="burst"),
         pytest.param(500, "InternalError", "x", Disposition.RETRY, id="500"),
         pytest.param(503, "ServiceUnavailable", "x", Disposition.RETRY, id="503"),
+        # Compatible mode's TPM throttle, as recorded from the real service (realbodies OF5).
+        pytest.param(
+            429,
+            "insufficient_quota",
+            "You exceeded your current quota, please check your plan and billing details. For "
+            "details, see: https://help.aliyun.com/zh/model-studio/error-code#token-limit",
+            Disposition.RETRY,
+            id="compatible-tpm",
+        ),
+        pytest.param(
+            429, "insufficient_quota", "Free allocated quota exceeded.", Disposition.FATAL, id="compat-free"
+        ),
+        pytest.param(
+            429,
+            "insufficient_quota",
+            "You exceeded your current quota, please check your plan and billing details. For more "
+            "information on this error, read the docs: https://platform.openai.com/docs/guides/error-codes",
+            Disposition.FATAL,
+            id="openai-credit",
+        ),
     ],
 )
 def test_classify(status, code, message, expected):
     assert classify(status, code, message) is expected
+
+
+def test_compatible_token_throttle_slows_the_token_rate():
+    from batchgen.ratelimit import TOKENS, throttle_kind
+
+    assert throttle_kind("insufficient_quota", "You exceeded your current quota") == TOKENS
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(
+            b'{"output":{"choices":[{"finish_reason":"stop","message":{"role":"assistant","tool_calls":'
+            b'[{"function":{"name":"f","arguments":"{}"},"id":"c","type":"function"}],"content":""}}]},'
+            b'"usage":{"input_tokens":5,"output_tokens":8},"request_id":"r"}',
+            id="tool-call",
+        ),
+        pytest.param(
+            b'{"output":{"choices":[{"finish_reason":"length","message":{"content":"",'
+            b'"reasoning_content":"thinking","role":"assistant"}}]},"request_id":"r"}',
+            id="cut-while-thinking",
+        ),
+        pytest.param(
+            b'{"output":{"choices":[{"finish_reason":"stop","message":{"role":"assistant",'
+            b'"content":[]}}]},"request_id":"r"}',
+            id="empty-parts",
+        ),
+    ],
+)
+def test_empty_content_is_a_null_reply(body):
+    reply = interpret(200, {}, body)
+    assert isinstance(reply, Reply)
+    assert reply.content is None
 
 
 @pytest.mark.parametrize(

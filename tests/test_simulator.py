@@ -1962,9 +1962,10 @@ def marker_chat(marker: str) -> dict[str, Any]:
             chat_body(),
             2,
             429,
-            "limit_requests",
-            "limit_requests",
-            "Allocated quota exceeded, please increase your quota limit.",
+            "insufficient_quota",
+            "insufficient_quota",
+            "You exceeded your current quota, please check your plan and billing details. For "
+            "details, see: https://help.aliyun.com/zh/model-studio/error-code#token-limit",
             id="tpm-quota",
         ),
         pytest.param(
