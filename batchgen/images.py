@@ -37,6 +37,33 @@ MIME_TYPES = {
     ".heic": "image/heic",
 }
 _REMOTE = ("http://", "https://", "data:", "oss://")
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+SNIFF_BYTES = 16
+NOT_AN_IMAGE = "{path} is named like an image but its first bytes are not those of a {types} file"
+TYPES = "png, jpeg, webp, gif, bmp, tiff or heic"
+
+
+def sniff(head: bytes) -> str | None:
+    """The MIME type a file's first bytes show, or None when they are no image DashScope reads.
+
+    The name is not enough: a text file saved as ``.png`` would be sent and refused (and
+    billed as a failed row) by the service.
+    """
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    if head.startswith(b"BM"):
+        return "image/bmp"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "image/tiff"
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return "image/heic"
+    return None
 
 
 def cell_refs(cell: Any) -> list[str] | RowProblem:
@@ -88,6 +115,13 @@ def resolve(ref: str, root: Path) -> str | RowProblem:
             IMAGE_NOT_FOUND,
             f"image file {path} does not exist (relative paths are read from the input table's folder)",
         )
+    try:
+        with path.open("rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError as exc:
+        return RowProblem(IMAGE_NOT_FOUND, f"image file {path} cannot be read: {exc.strerror or exc}")
+    if sniff(head) is None:
+        return RowProblem(BAD_IMAGE, NOT_AN_IMAGE.format(path=path, types=TYPES))
     return f"{path.resolve().as_uri()}#{stat.st_size}-{stat.st_mtime_ns}"
 
 
@@ -172,13 +206,15 @@ def data_uri(reference: str) -> str:
     (references from a messages column are checked only here).
     """
     path = _path_of(reference.split("#", 1)[0])
-    mime = MIME_TYPES.get(path.suffix.lower())
-    if mime is None:
+    if path.suffix.lower() not in MIME_TYPES:
         raise ValueError(
             f"{path} is not an image type DashScope reads (png, jpeg, webp, gif, bmp, tiff, heic)"
         )
-    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f"data:{mime};base64,{encoded}"
+    data = path.read_bytes()
+    mime = sniff(data[:SNIFF_BYTES])  # what the bytes are, whatever the name says
+    if mime is None:
+        raise ValueError(NOT_AN_IMAGE.format(path=path, types=TYPES))
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def portable(body: dict[str, Any], root: Path | None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ PROMPTS = [f"Question {i}: what is {i} squared, and why?" for i in range(24)]
 FAST = ["--rpm", "60000", "-c", "8"]
 # Columns that differ between two runs of the same rows by nature.
 VOLATILE = ["request_id", "latency_ms", "finished_at", "attempts"]
+JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00\xff\xd9"
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 )
@@ -214,7 +215,7 @@ def test_a_text_model_with_images_is_refused_before_sending(simulator, tmp_path)
 
 def test_an_image_too_large_for_the_gateway_is_a_row_error(simulator, tmp_path):
     sim = simulator()
-    (tmp_path / "huge.png").write_bytes(b"\0" * (49 * 2**20))  # 65+ MiB once base64-encoded
+    (tmp_path / "huge.png").write_bytes(PNG + b"\0" * (49 * 2**20))  # 65+ MiB once base64-encoded
     (tmp_path / "ok.png").write_bytes(PNG)
     source = write_prompts(tmp_path / "in.csv", ["a", "b"], photo=["huge.png", "ok.png"])
     out = tmp_path / "out.csv"
@@ -464,3 +465,38 @@ def test_a_compatible_mode_token_throttle_is_retried_and_slows_the_token_rate(si
     assert sim.stats.outcomes["quota_tpm_429"] > 0
     assert pl.read_parquet(out)["status"].unique().to_list() == ["ok"]
     assert "stopped" not in result.stderr
+
+
+def test_a_file_named_like_an_image_that_is_not_one_is_a_row_error(simulator, tmp_path):
+    (tmp_path / "notes.png").write_text("meeting notes, not a picture")
+    (tmp_path / "photo.png").write_bytes(JPEG)  # a JPEG under a .png name: sent as what it is
+    (tmp_path / "ok.png").write_bytes(PNG)
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["a", "b", "c"], photo=["notes.png", "photo.png", "ok.png"])
+    out = tmp_path / "out.parquet"
+
+    result = run(sim, source, out, "-m", "qwen3-vl-plus", "--image-column", "photo")
+
+    assert result.exit_code == 3, result.stderr
+    frame = pl.read_parquet(out)
+    assert frame["status"].to_list() == ["error", "ok", "ok"]
+    assert frame["error_code"][0] == "batchgen.InvalidImage"
+    assert "first bytes are not those of a" in frame["error_message"][0]
+    assert frame["attempts"][0] == 0  # never sent
+    assert sim.stats.requests == 2
+    jpeg_id, png_id = (image_id(f"data:x;base64,{base64.b64encode(b).decode()}") for b in (JPEG, PNG))
+    assert jpeg_id in frame["reply"][1] and png_id in frame["reply"][2]
+
+
+def test_local_images_are_sent_with_the_type_their_bytes_show(tmp_path):
+    from batchgen.images import data_uri, sniff
+
+    (tmp_path / "photo.png").write_bytes(JPEG)
+    assert data_uri((tmp_path / "photo.png").as_uri()).startswith("data:image/jpeg;base64,")
+    assert sniff(PNG) == "image/png" and sniff(b"GIF89a....") == "image/gif"
+    assert sniff(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "image/webp"
+    assert sniff(b"\x00\x00\x00\x18ftypheic\x00\x00") == "image/heic"
+    assert sniff(b"hello, world") is None and sniff(b"") is None
+    (tmp_path / "notes.png").write_text("not a picture")
+    with pytest.raises(ValueError, match="first bytes"):
+        data_uri((tmp_path / "notes.png").as_uri())
