@@ -589,6 +589,7 @@ def test_file_uris_relative_and_absolute(tmp_path):
 
 def test_a_row_whose_image_files_are_over_the_limit_is_refused_when_planned(tmp_path):
     with (tmp_path / "big.png").open("wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n")  # a PNG's first bytes, then
         f.truncate(25 * 2**20)  # sparse: 25 MiB, 33 MiB as base64
     assert isinstance(row_images(["big.png"], tmp_path), list)
     refused = row_images([["big.png", "big.png"]], tmp_path)
@@ -912,3 +913,22 @@ def test_file_images_in_a_messages_column_resolve_from_the_table(tmp_path):
     assert resolved[0]["content"][0]["image"].startswith((tmp_path / "img" / "a.png").as_uri() + "#")
     missing = local_parts([{"role": "user", "content": [{"image": "file:nope.png"}]}], tmp_path)
     assert isinstance(missing, RowProblem) and missing.code == "batchgen.ImageNotFound"
+
+
+def test_a_native_error_frame_on_a_compatible_mode_stream_is_that_error():
+    # Recorded from the service (realbodies OS4): DashScope's gateway sends its native error
+    # frame on compatible-mode streams too; it is a 429 throttle, not a cut stream.
+    from batchgen.compat import OpenAIStream
+    from batchgen.sse import SSEDecoder
+
+    raw = (
+        b'id:1\nevent:error\n:HTTP_STATUS/429\ndata:{"request_id":"70acdc21","code":'
+        b'"Throttling.AllocationQuota","message":"Allocated quota exceeded, please increase your '
+        b'quota limit."}\n\n'
+    )
+    stream = OpenAIStream(None)
+    errors = [stream.add(event) for event in SSEDecoder().feed(raw)]
+    error = errors[0]
+    assert error is not None and error.http_status == 429
+    assert error.code == "Throttling.AllocationQuota" and error.disposition is Disposition.RETRY
+    assert error.request_id == "70acdc21"
