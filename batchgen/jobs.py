@@ -11,6 +11,8 @@ Paths may hold ``{date}`` (``2026-11-25``), ``{datetime}`` (``2026-11-25T013000Z
 
 from __future__ import annotations
 
+import difflib
+import re
 import tomllib
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -104,13 +106,35 @@ def job_options(job_path: str | Path, kinds: Mapping[str, str]) -> dict[str, Any
     return options
 
 
+PLACEHOLDERS = ("date", "datetime", "job")
+_FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+
+
 def fill_placeholders(path: str, *, job: str | None, now: datetime | None = None) -> str:
-    """Fill ``{date}``, ``{datetime}`` and ``{job}``; other braces are left as they are."""
+    """Fill ``{date}``, ``{datetime}`` and ``{job}``; ``{{`` and ``}}`` are literal braces.
+
+    Any other ``{name}`` is an error naming it: a typo such as ``{dat}`` must not become a file
+    literally called ``{dat}.csv`` that the next night's run overwrites.
+    """
     now = now or datetime.now(UTC)
-    filled = path.replace("{date}", now.strftime("%Y-%m-%d"))
-    filled = filled.replace("{datetime}", now.strftime("%Y-%m-%dT%H%M%SZ"))
-    if "{job}" in filled:
-        if job is None:
+    values = {"date": now.strftime("%Y-%m-%d"), "datetime": now.strftime("%Y-%m-%dT%H%M%SZ"), "job": job}
+
+    def fill(match: re.Match[str]) -> str:
+        token = match.group(0)
+        if token in ("{{", "}}"):
+            return token[0]
+        name = match.group(1)
+        if name not in values:
+            close = difflib.get_close_matches(name, PLACEHOLDERS, n=1)
+            hint = f"did you mean {{{close[0]}}}? " if close else ""
+            known = ", ".join(f"{{{p}}}" for p in PLACEHOLDERS)
+            raise UsageError(
+                f"{path!r} has an unknown placeholder {token}: {hint}paths may use {known} "
+                "(write a literal brace as {{ or }})"
+            )
+        value = values[name]
+        if value is None:
             raise UsageError(f"{path!r} uses {{job}}, which only a --job file defines")
-        filled = filled.replace("{job}", job)
-    return filled
+        return value
+
+    return _FIELD.sub(fill, path)

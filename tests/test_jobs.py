@@ -43,9 +43,26 @@ def test_the_committed_nightly_job_is_valid_toml_with_known_keys(tmp_path):
 def test_placeholders_are_filled_in_utc():
     now = datetime(2026, 3, 9, 1, 2, 3, tzinfo=UTC)
     assert (
-        fill_placeholders("out/{job}/{date}/{datetime}-{x}.csv", job="nightly", now=now)
+        fill_placeholders("out/{job}/{date}/{datetime}-{{x}}.csv", job="nightly", now=now)
         == "out/nightly/2026-03-09/2026-03-09T010203Z-{x}.csv"
     )
+
+
+@pytest.mark.parametrize("where", ["job", "command line"])
+def test_an_unknown_placeholder_is_an_error_naming_it(simulator, tmp_path, where):
+    source = write_prompts(tmp_path / "in.csv", ["a"])
+    if where == "job":
+        job = write_job(
+            tmp_path / "nightly.toml", f'input = "{source}"\noutput = "out/{{job}}-{{dat}}.csv"\n'
+        )
+        args = ["run", "--job", str(job)]
+    else:
+        args = ["run", str(source), "-o", "out/answers-{dat}.csv"]
+    result = invoke(args, simulator())
+    assert result.exit_code == 2
+    assert "unknown placeholder {dat}: did you mean {date}?" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("*{dat}*"))  # no file literally named after the typo
 
 
 def test_job_placeholder_needs_a_job(simulator, tmp_path):
