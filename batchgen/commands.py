@@ -373,15 +373,9 @@ def _region(options: Mapping[str, Any]) -> str:
     return options["region"] or region_of(resolve_base_url(options["base_url"], None))
 
 
-def _prices(options: Mapping[str, Any]) -> PriceTable | None:
-    """The price table for the run's region; None (no costs shown) if it has none and none is needed."""
-    region = _region(options)
-    try:
-        return load_prices(options["prices_path"], region=region)
-    except UsageError:
-        if options["prices_path"] or options["max_cost"] is not None:
-            raise
-        return None
+def _prices(options: Mapping[str, Any]) -> PriceTable:
+    """The price table for the run's region (empty for a region it has no prices for: unpriced rows)."""
+    return load_prices(options["prices_path"], region=_region(options))
 
 
 def _budget(

@@ -286,7 +286,7 @@ def render(report: Report, fmt: str) -> str:
     for model, entry in sorted(report.unpriced_models.items()):
         notes.append(
             f"unpriced: {model} ({entry['rows']:,} rows, {entry['tokens']:,} tokens) "
-            "has no price in the table; add it with --prices FILE"
+            f"has no {report.prices.region} price in the table; add it with --prices FILE"
         )
     if fmt == "markdown":
         lines = [

@@ -88,7 +88,8 @@ class PriceTable:
 
     def describe(self) -> str:
         extra = f", overridden by {self.overrides}" if self.overrides else ""
-        return f"batchgen price table {self.version} (as of {self.as_of}, region {self.region}{extra})"
+        empty = ": it has no prices for this region" if not self.models else ""
+        return f"batchgen price table {self.version} (as of {self.as_of}, region {self.region}{empty}{extra})"
 
 
 def _decimal(value: Any, where: str) -> Decimal:
@@ -158,12 +159,9 @@ def load_prices(
         merged = {**regions.get(name, {}), **{k: v for k, v in table.items() if k != "models"}}
         merged["models"] = {**regions.get(name, {}).get("models", {}), **table.get("models", {})}
         regions[name] = merged
-    if region not in regions:
-        raise UsageError(
-            f"the price table has no prices for region {region!r} (it has "
-            f"{', '.join(regions)}): add them with --prices FILE"
-        )
-    chosen = regions[region]
+    # A region the table has no prices for is priced at nothing known: every row unpriced,
+    # its tokens still reported, never $0 and never a refused report.
+    chosen = regions.get(region, {})
     models = {
         name: _model(name, entry if isinstance(entry, dict) else {}, where)
         for name, entry in chosen.get("models", {}).items()

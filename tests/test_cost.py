@@ -190,7 +190,6 @@ def test_cost_warns_when_the_run_used_another_table(tmp_path):
     ("args", "needle"),
     [
         (["--by", "color"], "group by one or more of"),
-        (["--region", "cn"], "no prices for region 'cn'"),
     ],
 )
 def test_cost_usage_errors(args, needle):
@@ -378,3 +377,31 @@ def test_malformed_price_files_are_one_line(tmp_path, text):
     result = invoke(["cost", str(FIXTURE), "--prices", str(bad)])
     assert result.exit_code == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("region", ["cn", "hk"])
+def test_a_region_without_prices_reports_every_row_unpriced(region):
+    result = invoke(["cost", str(FIXTURE), "--region", region, "--format", "json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["prices"]["region"] == region
+    assert report["total"]["cost_usd"] is None  # unknown, never $0
+    fixture = pl.read_csv(FIXTURE)
+    billed = fixture.filter((pl.col("input_tokens") > 0) | (pl.col("output_tokens") > 0)).height
+    assert report["total"]["unpriced_rows"] == billed == 9  # rows without usage cost nothing
+    assert report["total"]["input_tokens"] == 594_226  # tokens are still reported
+    text = invoke(["cost", str(FIXTURE), "--region", region])
+    assert text.exit_code == 0 and f"has no {region} price in the table" in text.stdout
+
+
+def test_a_cn_run_reports_its_spend_as_unpriced_rows(simulator, tmp_path):
+    from conftest import write_prompts
+
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["a", "b"])
+    out, summary = tmp_path / "out.csv", tmp_path / "summary.json"
+    result = invoke(["run", str(source), "-o", str(out), "--region", "cn", "--summary", str(summary)], sim)
+    assert result.exit_code == 0, result.stderr
+    cost = json.loads(summary.read_text())["cost"]
+    assert cost == {"spent_usd": "0", "total_usd": "0", "unpriced_rows": 2}
+    assert "+ 2 unpriced rows" in result.stderr
