@@ -125,6 +125,7 @@ class Budget:
         self.price = price
         self.prices = prices
         self.thinking = thinking is not False  # unknown: assume the dearer mode
+        self.thinking_budget = thinking_budget
         self.max_output = worst_output_tokens(price, max_tokens, thinking, thinking_budget)
         self.refused: Decimal | None = None  # the worst case that no longer fit
         self.spent = Decimal(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from batchgen.budget import (
     worst_output_tokens,
 )
 from batchgen.config import (
+    MAX_CONCURRENCY,
     RunConfig,
     api_key_from_env,
     compatible_url,
@@ -39,17 +41,26 @@ from batchgen.config import (
     no_key_message,
     parse_param_options,
     resolve_base_url,
+    unknown_parameters,
 )
 from batchgen.errors import BatchgenError, UsageError
-from batchgen.journal import Journal, LockedError, journal_path, row_keys
+from batchgen.journal import Answers, Entry, Journal, LockedError, check_unlocked, journal_path
 from batchgen.jsonmode import load_schema, mentions_json, response_format
 from batchgen.logs import event
 from batchgen.pricing import PriceTable, load_prices, region_of
 from batchgen.progress import JsonProgress, Progress, duration, summary_line
 from batchgen.prompts import PromptSpec, RowProblem, build_messages, check_columns
 from batchgen.protocol import COMPATIBLE_PREFIX, NATIVE_PREFIX, route_for_model
-from batchgen.runner import RunControl, RunResult, arun_batches, check_collisions, exit_code
-from batchgen.tables import Source, TableWriter, check_writable, format_of, open_source
+from batchgen.runner import RunControl, RunResult, arun_batches, check_collisions, exit_code, plan_resume
+from batchgen.tables import (
+    Source,
+    TableWriter,
+    check_writable,
+    format_of,
+    metadata_path,
+    open_source,
+    read_metadata,
+)
 
 log = logging.getLogger("batchgen")
 
@@ -77,6 +88,8 @@ def _generation_parameters(options: Mapping[str, Any], schema: Mapping[str, Any]
             if key in parameters:
                 raise UsageError(f"{key} is set both by its own option and by --param; keep one")
             parameters[key] = value
+    for name in unknown_parameters(parameters):
+        log.warning("parameter %s is not one DashScope or the OpenAI API documents: sent as it is", name)
     fmt = response_format(
         options["model"],
         parameters,
@@ -89,6 +102,14 @@ def _generation_parameters(options: Mapping[str, Any], schema: Mapping[str, Any]
         if "response_format" in parameters:
             raise UsageError("response_format is set both by --json/--json-schema and by --param; keep one")
         parameters["response_format"] = fmt
+        if schema is not None and fmt["type"] != "json_schema":
+            log.warning(
+                "--json-schema: %s takes no JSON Schema on DashScope (only qwen-plus, qwen-max, "
+                "qwen-flash, qwen3-max and qwen3.5+ do, and not while thinking): sending JSON mode "
+                'instead, so the prompts must say "json"; each reply is still checked against the '
+                "schema (reply_json_valid)",
+                options["model"],
+            )
     return parameters
 
 
@@ -146,7 +167,15 @@ def _prepare(options: dict[str, Any]) -> Prepared:
     check_columns(spec, source.columns, source.schema)
     check_collisions(source.columns)
     _check_id_column(source, options["id_column"])
-    if not options["simulate"] and not _key(options):
+    if options["concurrency"] > MAX_CONCURRENCY:
+        log.warning(
+            "--concurrency %s is more than is useful: batchgen keeps at most %s requests in flight",
+            f"{options['concurrency']:,}",
+            f"{MAX_CONCURRENCY:,}",
+        )
+    if options["simulate"] and options["base_url"]:
+        raise UsageError("--simulate runs against a local simulator; drop --base-url")
+    if not options["simulate"] and not options["dry_run"] and not _key(options):
         raise UsageError(no_key_message(options["api"], dashscope=_to_dashscope(options)))
     # Template errors that only a row can show (a format spec a value cannot take) show now.
     sample = build_messages(spec, source.head(100))
@@ -199,7 +228,7 @@ def _config(prepared: Prepared, base_url: str, key: str) -> RunConfig:
         dashscope=_to_dashscope(o),
         workspace=(o["workspace"] or None) if _to_dashscope(o) else None,
         parameters=prepared.parameters,
-        concurrency=o["concurrency"],
+        concurrency=min(o["concurrency"], MAX_CONCURRENCY),
         rpm=o["rpm"],
         tpm=o["tpm"],
         adaptive=not o["fixed_rate"],
@@ -214,8 +243,6 @@ def _endpoint(options: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     if not options["simulate"]:
         yield _base_url(options), _key(options)
         return
-    if options["base_url"]:
-        raise UsageError("--simulate runs against a local simulator; drop --base-url")
     from batchgen.simulator import SimulatorConfig, SimulatorThread
 
     # The simulator gets its own demo key: a real key never leaves for a local test server.
@@ -240,7 +267,10 @@ def _key(options: Mapping[str, Any]) -> str:
 def _check_config(prepared: Prepared) -> RunConfig:
     """Every setting checked (ranges, NaN, the key's characters) before anything is touched."""
     o = prepared.options
-    return _config(prepared, "http://checked.invalid", "checked" if o["simulate"] else _key(o))
+    # The simulator takes its own key; a dry run sends nothing, so it needs none (one that is
+    # set is still checked).
+    key = "checked" if o["simulate"] or (o["dry_run"] and not _key(o)) else _key(o)
+    return _config(prepared, "http://checked.invalid", key)
 
 
 def validate_command(**options: Any) -> int:
@@ -257,9 +287,11 @@ def validate_command(**options: Any) -> int:
     _budget(options, _prices(options), prepared.parameters)
     output: Path = options["output_path"]
     _check_output_folder(output)
+    check_unlocked(output)  # exit 4, as run would
+    unknown = unknown_parameters(prepared.parameters)
     sendable = prepared.source.total
     log.info(
-        "ok: %s rows of %s (columns: %s) would go%s to %s on %s; output %s",
+        "ok: %s rows of %s (columns: %s) would go%s to %s on %s; output %s%s",
         f"{sendable:,}",
         options["input_path"],
         ", ".join(prepared.source.columns),
@@ -267,8 +299,14 @@ def validate_command(**options: Any) -> int:
         config.model,
         base_url,
         output,
+        f"; unknown parameters, sent as they are: {', '.join(unknown)}" if unknown else "",
         extra=event(
-            "validated", rows=sendable, model=config.model, route=config.effective_route, output=str(output)
+            "validated",
+            rows=sendable,
+            model=config.model,
+            route=config.effective_route,
+            output=str(output),
+            unknown_parameters=unknown,
         ),
     )
     return 0
@@ -411,58 +449,99 @@ def _run(options: dict[str, Any], summary: RunSummary) -> int:
         return _dry_run(prepared, prices)
     output: Path = options["output_path"]
     check_writable(output)
+    created = not journal_path(output).exists()
     with Journal(journal_path(output)) as journal:
         journal.lock(output)
-        journal.clean_leftovers(output)
-        if options["fresh"]:
-            journal.discard()
-        journal.open()
-        metadata = {
-            "batchgen_version": __version__,
-            "run_id": summary.run_id,
-            "model": options["model"],
-            "job": options.get("job") or "",
-            "region": _region(options),
-            "prices_version": prices.version if prices else "",
-        }
-        writer = TableWriter(
-            output.parent,
-            output.name,
-            prepared.output_format,  # type: ignore[arg-type]
-            metadata,
-        )
         try:
-            with _endpoint(options) as (url, key):
-                config = _config(prepared, url, key)
-                result = asyncio.run(
-                    _run_with_signals(prepared, config, journal, options["grace"], prices, budget, writer)
-                )
-            summary.result = result
-            target = output
-            finished = result.fatal is None and result.stopped is None and result.stats.ok > 0
-            if output.exists() and not finished:
-                # A stopped, refused or all-failed run never replaces earlier answers.
-                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-                target = output.with_name(f"{output.stem}.partial-{stamp}{output.suffix}")
-            # A signal now would leave no output for answers already paid: hold it until the
-            # table is in place (it is delivered, and honoured, right after).
-            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-            try:
-                writer.commit(target)
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        except (OSError, pl.exceptions.PolarsError) as exc:
-            writer.discard()
-            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-            raise BatchgenError(
-                f"could not write {output} ({reason}); every answer is kept in "
-                f"{journal.path}: fix that and run the same command again to "
-                "write it (nothing is sent twice)"
-            ) from None
-        except BaseException:
-            writer.discard()
+            return _run_locked(prepared, journal, prices, budget, summary)
+        except UsageError:
+            if created:  # refused before any row was recorded: leave no journal or lock behind
+                journal.remove_if_empty()
             raise
-        summary.output = target
+
+
+# What an output records of the run that wrote it; a run that differs in one of these writes
+# a different table, so an existing one is kept aside rather than silently replaced.
+REQUEST_SET = ("input", "rows", "model", "endpoint")
+
+
+def _endpoint_name(options: Mapping[str, Any]) -> str:
+    """Whom the run asks, as the journal and the output record it."""
+    return "simulator" if options["simulate"] else _base_url(options).rstrip("/")
+
+
+def _run_locked(
+    prepared: Prepared,
+    journal: Journal,
+    prices: PriceTable | None,
+    budget: Budget | None,
+    summary: RunSummary,
+) -> int:
+    options = prepared.options
+    output: Path = options["output_path"]
+    journal.clean_leftovers(output)
+    if options["fresh"]:
+        journal.discard()
+    journal.open()
+    metadata = {
+        "batchgen_version": __version__,
+        "run_id": summary.run_id,
+        "model": options["model"],
+        "job": options.get("job") or "",
+        "region": _region(options),
+        "prices_version": prices.version if prices else "",
+        "input": str(Path(options["input_path"]).resolve()),
+        "rows": str(prepared.source.total),
+        "endpoint": _endpoint_name(options),
+    }
+    replaced: tuple[Path, str] | None = None
+    writer = TableWriter(
+        output.parent,
+        output.name,
+        prepared.output_format,  # type: ignore[arg-type]
+        metadata,
+    )
+    try:
+        with _endpoint(options) as (url, key):
+            config = _config(prepared, url, key)
+            if journal.has_rows():
+                plan = plan_resume(
+                    prepared.source.batches(), config, prepared.spec, id_column=options["id_column"],
+                    endpoint=metadata["endpoint"], lookup=journal.lookup,
+                    retry_errors=options["retry_errors"],
+                )  # fmt: skip
+                log.info("%s", plan.line())
+            result = asyncio.run(
+                _run_with_signals(prepared, config, journal, options["grace"], prices, budget, writer)
+            )
+        summary.result = result
+        target = output
+        finished = result.fatal is None and result.stopped is None and result.stats.ok > 0
+        if output.exists() and not finished:
+            # A stopped, refused or all-failed run never replaces earlier answers.
+            target = _beside(output, "partial")
+        # A signal now would leave no output for answers already paid: hold it until the
+        # table is in place (it is delivered, and honoured, right after).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            replaced = _keep_other_request_set(output, metadata) if target == output else None
+            writer.commit(target)
+            if target == output:
+                _remove_superseded(output)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        writer.discard()
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise BatchgenError(
+            f"could not write {output} ({reason}); every answer is kept in "
+            f"{journal.path}: fix that and run the same command again to "
+            "write it (nothing is sent twice)"
+        ) from None
+    except BaseException:
+        writer.discard()
+        raise
+    summary.output = target
     stats = result.stats
     if result.fatal is not None:
         log.error(
@@ -472,9 +551,25 @@ def _run(options: dict[str, Any], summary: RunSummary) -> int:
         )
     if target != output:
         log.warning("kept the existing %s; this run's table is %s", output, target)
+    if replaced is not None:
+        log.warning(
+            "%s held the answers of another request set (%s); it is kept as %s, and the journal "
+            "keeps its answers: running that command again sends nothing",
+            output,
+            replaced[1],
+            replaced[0],
+        )
     if result.stopped == "budget" and budget is not None:
+        lower = (
+            "--disable-thinking, or a --thinking-budget, lowers that: reasoning is billed on top "
+            "of --max-tokens, up to the model's longest output"
+            if budget.thinking and budget.thinking_budget is None
+            else "--max-tokens or a lower --thinking-budget lowers that"
+            if budget.thinking
+            else "--max-tokens lowers that"
+        )
         refused = (
-            f" (the next request could cost up to ${budget.refused:.4f}; --max-tokens lowers that)"
+            f" (the next request could cost up to ${budget.refused:.4f}; {lower})"
             if budget.refused is not None
             else ""
         )
@@ -503,6 +598,46 @@ def _run(options: dict[str, Any], summary: RunSummary) -> int:
         extra=event("summary", **summary.counts(), output=str(target)),
     )
     return exit_code(result)
+
+
+def _beside(output: Path, kind: str) -> Path:
+    """A new name next to ``output``: ``NAME.<kind>-<UTC time>.EXT``, never an existing file's."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    for n in range(1, 1000):
+        name = output.with_name(f"{output.stem}.{kind}-{stamp}{f'-{n}' if n > 1 else ''}{output.suffix}")
+        if not name.exists():
+            return name
+    raise BatchgenError(f"too many {kind} tables beside {output}: remove some")
+
+
+def _keep_other_request_set(output: Path, metadata: Mapping[str, str]) -> tuple[Path, str] | None:
+    """An existing output written for another input, row count, model or endpoint is renamed
+    ``NAME.replaced-<UTC time>.EXT`` (with its sidecar) before this run's table takes its place."""
+    if not output.exists():
+        return None
+    recorded = read_metadata(output)
+    differs = [k for k in REQUEST_SET if recorded.get(k) and recorded[k] != metadata[k]]
+    if not differs:
+        return None
+    kept = _beside(output, "replaced")
+    os.replace(output, kept)
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(metadata_path(output), metadata_path(kept))
+    what = ", ".join(f"{k} {recorded[k]}" for k in differs)
+    return kept, what
+
+
+def _remove_superseded(output: Path) -> None:
+    """``.partial-`` tables of stopped runs, and sidecars without a table, once ``output`` holds
+    every row (each of their answers is in the journal, so in the output)."""
+    for partial in output.parent.glob(f"{glob.escape(output.stem)}.partial-*{glob.escape(output.suffix)}"):
+        for path in (partial, metadata_path(partial)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    for sidecar in output.parent.glob(f"{glob.escape(output.stem)}.partial-*.meta.json"):
+        if not sidecar.with_name(sidecar.name.removesuffix(".meta.json")).exists():
+            with contextlib.suppress(FileNotFoundError):
+                sidecar.unlink()
 
 
 @dataclass
@@ -602,7 +737,7 @@ def cost_command(*, files: list[str], by: str, fmt: str, prices_path: str | None
 
 def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
     """``run --dry-run``: what the run would send, cost and take; nothing is sent or written."""
-    from batchgen.runner import messages_of, request_body, row_digest
+    from batchgen.runner import messages_of, plan_rows
 
     o = prepared.options
     model = o["model"]
@@ -613,25 +748,20 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
     counts: list[int] = []
     empty = resumed = offset = images = 0
     for frame, raw in prepared.source.batches():
-        plan = build_messages(prepared.spec, frame, raw)
-        keys = row_keys(frame, o["id_column"], offset)
-        offset += frame.height
-        for key, messages in zip(keys, plan, strict=True):
-            if isinstance(messages, RowProblem):
+        for row in plan_rows(
+            frame, raw, offset, config, prepared.spec, id_column=o["id_column"], endpoint=endpoint,
+            lookup=lambda keys: {k: previous[k] for k in keys if k in previous},
+            retry_errors=o["retry_errors"],
+        ):  # fmt: skip
+            if row.problem is not None:
                 empty += 1
-                continue
-            entry = previous.get(key)
-            body = request_body(config, messages)
-            if isinstance(body, RowProblem):
-                empty += 1
-                continue
-            if entry is not None and entry.answers(
-                row_digest(body, endpoint, prepared.spec), retry_errors=o["retry_errors"]
-            ):
+            elif row.earlier is not None:
                 resumed += 1
-                continue
-            images += count_images(messages_of(body))
-            counts.append(count_input_tokens(model, messages_of(body)))
+            else:
+                assert row.body is not None
+                images += count_images(messages_of(row.body))
+                counts.append(count_input_tokens(model, messages_of(row.body)))
+        offset += frame.height
     n = len(counts)
     price = prices.lookup(model) if prices is not None else None
     max_tokens = prepared.parameters.get("max_tokens")
@@ -692,19 +822,17 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
     return 0
 
 
-def _journal_read_only(path: Path) -> dict[str, Any]:
+def _journal_read_only(path: Path) -> dict[str, Answers]:
     """A journal's rows without locking or creating anything (for --dry-run)."""
     if not path.exists():
         return {}
     import sqlite3
 
-    from batchgen.journal import Entry
-
+    found: dict[str, Answers] = {}
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            return {
-                k: Entry(h, st, bool(f), {})
-                for k, h, st, f in db.execute("SELECT key, request_hash, status, final FROM rows")
-            }
+            for k, h, st, f in db.execute("SELECT key, request_hash, status, final FROM rows"):
+                found.setdefault(k, {})[h] = Entry(h, st, bool(f), {})
     except sqlite3.Error:
         return {}
+    return found

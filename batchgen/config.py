@@ -37,6 +37,9 @@ ENV_OPENAI_BASE_URL = "OPENAI_BASE_URL"  # --api openai only, before DASHSCOPE_H
 
 DEFAULT_MODEL = "qwen-plus"
 DEFAULT_CONCURRENCY = 16
+# More in flight than this buys nothing: at DashScope's largest quotas (15,000 RPM, replies of
+# a few seconds) a few hundred requests are in flight; each worker costs memory and CPU.
+MAX_CONCURRENCY = 2000
 DEFAULT_RPM = 600.0  # the documented default quota of qwen-plus
 DEFAULT_MAX_ATTEMPTS = 8
 DEFAULT_TIMEOUT = 300.0
@@ -248,6 +251,35 @@ def _validate_one(key: str, value: Any) -> None:
             'response_format must be {"type": "json_object"} or a json_schema object: '
             "use --json or --json-schema FILE",
         )
+
+
+# The generation parameters DashScope's native API or an OpenAI-compatible server documents.
+# Anything else is still sent (the APIs grow faster than this list), with a warning: it is far
+# more often a typo (``temprature``) that the server would silently ignore.
+KNOWN_PARAMETERS = frozenset(
+    {
+        "temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "seed", "stop", "n",
+        "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs",
+        "top_logprobs", "enable_thinking", "thinking_budget", "reasoning_effort", "enable_search",
+        "search_options", "forced_search", "tools", "tool_choice", "parallel_tool_calls",
+        "response_format", "result_format", "incremental_output", "stream", "stream_options",
+        "vl_high_resolution_images", "vl_enable_image_hw_output", "max_pixels", "min_pixels",
+        "translation_options", "enable_code_interpreter", "modalities", "audio", "user",
+        "max_input_tokens", "partial", "prediction", "service_tier", "metadata", "store",
+    }
+)  # fmt: skip
+
+
+def unknown_parameters(parameters: Mapping[str, Any]) -> list[str]:
+    """The parameter names neither API documents, each with the known name it most resembles."""
+    import difflib
+
+    unknown = []
+    for key in parameters:
+        if key not in KNOWN_PARAMETERS:
+            close = difflib.get_close_matches(key, KNOWN_PARAMETERS, n=1)
+            unknown.append(f"{key} (did you mean {close[0]}?)" if close else key)
+    return unknown
 
 
 def validate_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:

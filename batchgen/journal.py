@@ -31,17 +31,35 @@ from typing import Any
 from batchgen.errors import BatchgenError, UsageError
 
 EXIT_LOCKED = 4
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
+# One row per (row key, request): every answer paid for is kept, so a run that switches the
+# model, a parameter or the endpoint and then switches back takes the earlier answers again.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rows (
-    key TEXT PRIMARY KEY,
+    key TEXT NOT NULL,
     request_hash TEXT NOT NULL,
     status TEXT NOT NULL,
     final INTEGER NOT NULL,
-    result TEXT NOT NULL
+    result TEXT NOT NULL,
+    PRIMARY KEY (key, request_hash)
 );
+"""
+# Schema 1 kept one row per key, each new request replacing the last answer.
+_MIGRATE_1 = """
+ALTER TABLE rows RENAME TO rows_v1;
+CREATE TABLE rows (
+    key TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    status TEXT NOT NULL,
+    final INTEGER NOT NULL,
+    result TEXT NOT NULL,
+    PRIMARY KEY (key, request_hash)
+);
+INSERT INTO rows SELECT key, request_hash, status, final, result FROM rows_v1;
+DROP TABLE rows_v1;
+UPDATE meta SET value = '2' WHERE key = 'schema';
 """
 
 
@@ -78,6 +96,28 @@ class Entry:
         return self.request_hash == digest and (self.status == "ok" or (self.final and not retry_errors))
 
 
+Answers = dict[str, Entry]  # one row key's journalled answers, by request hash
+
+NEW, CHANGED, RETRY = "new", "changed", "retry"  # why a row is sent
+
+
+def reuse(answers: Answers | None, digest: str, *, retry_errors: bool) -> tuple[Entry | None, str | None]:
+    """The journalled answer that stands for request ``digest``, or why the row must be sent.
+
+    ``(entry, None)``: take ``entry``. ``(None, NEW)``: the row was never sent; ``CHANGED``:
+    only other requests of it were (new prompt, model, parameters or endpoint); ``RETRY``:
+    this request ended in an error worth sending again.
+    """
+    if not answers:
+        return None, NEW
+    entry = answers.get(digest)
+    if entry is None:
+        return None, CHANGED
+    if entry.answers(digest, retry_errors=retry_errors):
+        return entry, None
+    return None, RETRY
+
+
 def row_keys(frame: Any, id_column: str | None, offset: int) -> list[str]:
     """A batch's journal keys: its --id-column values, else its row numbers in the table."""
     if id_column:
@@ -87,6 +127,29 @@ def row_keys(frame: Any, id_column: str | None, offset: int) -> list[str]:
 
 def _encode(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _locked(fd: int, output: str | os.PathLike[str]) -> LockedError:
+    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+    return LockedError(
+        f"another batchgen run (pid {holder}) is writing {output}: wait for it to finish, or give "
+        "this run another -o"
+    )
+
+
+def check_unlocked(output: str | os.PathLike[str]) -> None:
+    """Raise ``LockedError`` when a run holds ``output``'s lock; create and take nothing."""
+    lock_file = journal_path(output).with_name(journal_path(output).name + ".lock")
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except OSError:
+        return  # no lock file: no run has it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _locked(fd, output) from None
+    finally:
+        os.close(fd)  # also releases the shared lock taken to look
 
 
 class Journal:
@@ -117,12 +180,9 @@ class Journal:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            error = _locked(fd, output)
             os.close(fd)
-            raise LockedError(
-                f"another batchgen run (pid {holder}) is writing {output}: wait for "
-                "it to finish, or give this run another -o"
-            ) from None
+            raise error from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
@@ -132,8 +192,14 @@ class Journal:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            fresh = not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'rows'").fetchone()
             self._db.executescript(_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION if fresh else "1",)
+            )
+            (version,) = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if version == "1":
+                self._db.executescript(f"BEGIN; {_MIGRATE_1} COMMIT;")
             self._db.execute("SELECT key, request_hash, status, final, result FROM rows LIMIT 1")
         except sqlite3.Error as exc:
             self.close_db()
@@ -148,6 +214,18 @@ class Journal:
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{self.path}{suffix}")
+
+    def has_rows(self) -> bool:
+        assert self._db is not None
+        return self._db.execute("SELECT 1 FROM rows LIMIT 1").fetchone() is not None
+
+    def remove_if_empty(self) -> None:
+        """A run refused before recording a row leaves no journal or lock file behind."""
+        if self._db is not None and self.has_rows():
+            return
+        self.discard()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path.with_name(self.path.name + ".lock"))
 
     def close_db(self) -> None:
         if self._db is not None:
@@ -167,23 +245,18 @@ class Journal:
         self.close()
 
     # -- rows ------------------------------------------------------------------------------
-    def lookup(self, keys: list[str]) -> dict[str, Entry]:
-        """The journalled rows among ``keys`` (a batch's worth: the journal is not loaded whole)."""
+    def lookup(self, keys: list[str]) -> dict[str, Answers]:
+        """The journalled answers of ``keys`` (a batch's worth: the journal is not loaded whole)."""
         assert self._db is not None
-        found: dict[str, Entry] = {}
+        found: dict[str, Answers] = {}
         for start in range(0, len(keys), 900):  # SQLite's bound-parameter limit is 999
             chunk = keys[start : start + 900]
             marks = ",".join("?" * len(chunk))
             for key, h, status, final, result in self._db.execute(
                 f"SELECT key, request_hash, status, final, result FROM rows WHERE key IN ({marks})", chunk
             ):
-                found[key] = Entry(h, status, bool(final), json.loads(result))
+                found.setdefault(key, {})[h] = Entry(h, status, bool(final), json.loads(result))
         return found
-
-    def count_final(self) -> int:
-        """Rows answered for good: ok, or a permanent error."""
-        assert self._db is not None
-        return self._db.execute("SELECT count(*) FROM rows WHERE final = 1").fetchone()[0]
 
     def record(self, key: str, digest: str, final: bool, result: Any) -> None:
         """Commit one finished row (``result`` is a RowResult); returns once it is in the WAL."""

@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import TextIO
 
-from batchgen.logs import event
+from batchgen.logs import LOGGER, event
 from batchgen.runner import RunStats
 
 BAR_WIDTH = 24
@@ -34,10 +34,11 @@ def _count(n: int) -> str:
 
 def status_line(stats: RunStats, *, bar: bool = False) -> str:
     """``123/1,000 rows (12%) · 9.8 rows/s · ETA 1m30s · tokens 1.2k in / 8.9k out · 2 errors``."""
-    done, total = stats.done, stats.total
+    # Answered rows only: rows skipped because the run is stopping were not done.
+    done, total = stats.ok + stats.error, stats.total
     sent = done - stats.resumed  # rows taken from the journal say nothing about speed
     rate = sent / max(stats.elapsed, 1e-9)
-    remaining = total - done
+    remaining = total - done - stats.skipped
     eta = duration(remaining / rate) if rate > 0 and remaining else ("-" if remaining else "0s")
     share = done / total if total else 1.0
     head = f"{done:,}/{total:,} rows ({share:.0%})"
@@ -47,6 +48,8 @@ def status_line(stats: RunStats, *, bar: bool = False) -> str:
     if stats.resumed:
         head += f" ({stats.resumed:,} resumed)"
     errors = f"{stats.error:,} error{'s' if stats.error != 1 else ''}"
+    if stats.skipped:
+        errors += f" · {stats.skipped:,} skipped"
     return (
         f"{head} · {rate:.1f} rows/s{_admitted(stats)} · ETA {eta} · tokens "
         f"{_count(stats.input_tokens)} in / {_count(stats.output_tokens)} out{_cost(stats)}"
@@ -95,12 +98,23 @@ class Progress:
         self._drawn = False
 
     async def __call__(self, stats: RunStats) -> None:
+        # A log line while the bar is drawn would be glued to it: clear the bar first (it is
+        # drawn again at the next tick).
+        handlers = logging.getLogger(LOGGER).handlers if self.live else []
+        for handler in handlers:
+            handler.addFilter(self._before_log)
         try:
             while True:
                 await asyncio.sleep(self.interval)
                 self.draw(stats)
         finally:
+            for handler in handlers:
+                handler.removeFilter(self._before_log)
             self.clear()
+
+    def _before_log(self, record: logging.LogRecord) -> bool:
+        self.clear()
+        return True
 
     def draw(self, stats: RunStats) -> None:
         if self.live:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -22,10 +22,10 @@ import polars as pl
 from batchgen import compat
 from batchgen.budget import IMAGE_TOKENS_TYPICAL, Budget, count_input_tokens, row_cost, thinks
 from batchgen.client import Caller, CallOutcome, make_transport
-from batchgen.config import RunConfig
+from batchgen.config import MAX_CONCURRENCY, RunConfig
 from batchgen.errors import FatalAPIError, UsageError
 from batchgen.images import BAD_IMAGE, IMAGE_NOT_FOUND, has_local, materialize, portable
-from batchgen.journal import Entry, Journal, request_hash, row_keys
+from batchgen.journal import CHANGED, RETRY, Answers, Entry, Journal, request_hash, reuse, row_keys
 from batchgen.jsonmode import json_word_problem, mentions_json, reply_checker
 from batchgen.pricing import PriceTable
 from batchgen.prompts import PromptSpec, RowProblem, build_messages
@@ -247,6 +247,108 @@ def request_body(config: RunConfig, messages: list[dict[str, Any]]) -> dict[str,
     return build_body(config.model, messages, config.parameters, config.effective_route)
 
 
+@dataclass(slots=True)
+class PlannedRow:
+    """One row's verdict before anything is sent: why it cannot go, its journalled answer, or
+    the request to send and why (``journal.NEW`` / ``CHANGED`` / ``RETRY``)."""
+
+    key: str
+    problem: RowProblem | None = None
+    body: dict[str, Any] | None = None
+    digest: str = ""
+    earlier: Entry | None = None
+    why: str | None = None
+
+
+def plan_rows(
+    frame: pl.DataFrame,
+    raw: list[Any] | None,
+    offset: int,
+    config: RunConfig,
+    spec: PromptSpec,
+    *,
+    id_column: str | None,
+    endpoint: str,
+    lookup: Callable[[list[str]], Mapping[str, Answers]] | None,
+    retry_errors: bool,
+) -> list[PlannedRow]:
+    """messages → body → journal hash → journal verdict, for one batch: the one rule that a run,
+    the resume line before it and ``--dry-run`` all follow."""
+    keys = row_keys(frame, id_column, offset)
+    previous = lookup(keys) if lookup is not None else {}
+    planned = []
+    for key, messages in zip(keys, build_messages(spec, frame, raw), strict=True):
+        body = messages if isinstance(messages, RowProblem) else request_body(config, messages)
+        if isinstance(body, RowProblem):
+            planned.append(PlannedRow(key, problem=body))
+            continue
+        digest = row_digest(body, endpoint, spec)
+        earlier, why = reuse(previous.get(key), digest, retry_errors=retry_errors)
+        planned.append(PlannedRow(key, body=body, digest=digest, earlier=earlier, why=why))
+    return planned
+
+
+@dataclass
+class ResumePlan:
+    """What a resumed run will do, counted before anything is paid."""
+
+    done: int = 0  # answered in the journal for today's request: not sent
+    new: int = 0
+    changed: int = 0
+    retry: int = 0
+    unsendable: int = 0  # rows that are errors without being sent (empty prompt, ...)
+
+    @property
+    def to_send(self) -> int:
+        return self.new + self.changed + self.retry
+
+    def line(self) -> str:
+        parts = [
+            f"{n:,} {what}"
+            for n, what in (
+                (self.changed, "changed since the last run"),
+                (self.retry, "errors sent again"),
+                (self.new, "never sent"),
+            )
+            if n
+        ]
+        detail = f" ({', '.join(parts)})" if parts and parts != [f"{self.new:,} never sent"] else ""
+        unsendable = f"; {self.unsendable:,} not sendable" if self.unsendable else ""
+        return f"resumed: {self.done:,} done, {self.to_send:,} to go{detail}{unsendable}"
+
+
+def plan_resume(
+    batches: Iterable[Batch],
+    config: RunConfig,
+    spec: PromptSpec,
+    *,
+    id_column: str | None,
+    endpoint: str,
+    lookup: Callable[[list[str]], Mapping[str, Answers]],
+    retry_errors: bool,
+) -> ResumePlan:
+    """Count every row's verdict against the journal, without sending: the resume line."""
+    plan = ResumePlan()
+    offset = 0
+    for frame, raw in batches:
+        for row in plan_rows(
+            frame, raw, offset, config, spec, id_column=id_column, endpoint=endpoint, lookup=lookup,
+            retry_errors=retry_errors,
+        ):  # fmt: skip
+            if row.problem is not None:
+                plan.unsendable += 1
+            elif row.earlier is not None:
+                plan.done += 1
+            elif row.why == CHANGED:
+                plan.changed += 1
+            elif row.why == RETRY:
+                plan.retry += 1
+            else:
+                plan.new += 1
+        offset += frame.height
+    return plan
+
+
 def _result_of(
     outcome: CallOutcome, model: str, check_json: Callable[[str | None], bool] | None = None
 ) -> tuple[RowResult, bool]:
@@ -407,13 +509,12 @@ async def arun_batches(
     max_tokens = config.parameters.get("max_tokens")
     pending: deque[_Pending] = deque()
     room = asyncio.Event()  # set when a batch has been written
+    # Never more workers than rows, nor than is useful (-c 1000000 once froze a 20-row run).
+    concurrency = max(1, min(config.concurrency, MAX_CONCURRENCY, total))
     queue: asyncio.Queue[tuple[_Pending, int, str, dict[str, Any], str] | None] = asyncio.Queue(
-        maxsize=2 * config.concurrency
+        maxsize=2 * concurrency
     )
-    if journal is not None:
-        answered = journal.count_final()
-        if answered:
-            log.info("resumed: %s done, %s to go", f"{answered:,}", f"{max(total - answered, 0):,}")
+    where = endpoint or config.base_url
 
     def sending() -> bool:
         return not fatal and not control.stopping
@@ -451,54 +552,39 @@ async def arun_batches(
                 await room.wait()
             batch = _Pending(offset, frame, [None] * frame.height)
             pending.append(batch)
-            plan = build_messages(spec, frame, raw)
-            keys = row_keys(frame, id_column, offset)
-            previous = journal.lookup(keys) if journal is not None else {}
-            for i, item in enumerate(plan):
-                if isinstance(item, RowProblem):
+            lookup = journal.lookup if journal is not None else None
+            for i, row in enumerate(
+                plan_rows(frame, raw, offset, config, spec, id_column=id_column, endpoint=where,
+                          lookup=lookup, retry_errors=retry_errors)
+            ):  # fmt: skip
+                if row.problem is not None:
                     finish(
                         batch,
                         i,
                         RowResult(
                             status=ERROR,
                             model=config.model,
-                            error_code=item.code,
-                            error_message=item.message,
+                            error_code=row.problem.code,
+                            error_message=row.problem.message,
                             attempts=0,
                             finished_at=_now(),
                         ),
                     )
                     continue
-                body = request_body(config, item)
-                if isinstance(body, RowProblem):
-                    finish(
-                        batch,
-                        i,
-                        RowResult(
-                            status=ERROR,
-                            model=config.model,
-                            error_code=body.code,
-                            error_message=body.message,
-                            attempts=0,
-                            finished_at=_now(),
-                        ),
-                    )
-                    continue
-                digest = row_digest(body, endpoint or config.base_url, spec)
-                entry = previous.get(keys[i])
-                if entry is not None and entry.answers(digest, retry_errors=retry_errors):
-                    earlier = _from_journal(entry)
+                if row.earlier is not None:
+                    earlier = _from_journal(row.earlier)
                     if check_json is not None and earlier.status == OK:  # today's schema
                         earlier.reply_json_valid = check_json(earlier.reply)
                     finish(batch, i, earlier, resumed=True)
                     continue
-                if entry is not None and entry.request_hash != digest:
+                if row.why == CHANGED:
                     stats.changed += 1
                 if not sending():
                     skip(batch, i)
                     continue
                 batch.waiting += 1
-                await queue.put((batch, i, keys[i], body, digest))
+                assert row.body is not None
+                await queue.put((batch, i, row.key, row.body, row.digest))
             batch.enumerated = True
             offset += frame.height
             flush()
@@ -615,7 +701,7 @@ async def arun_batches(
                         batch.waiting -= 1
                         flush()
 
-        workers = [asyncio.create_task(worker()) for _ in range(config.concurrency)]
+        workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
         control._attach(workers, caller.interrupt)
         tasks = [*workers, *([asyncio.create_task(progress(stats))] if progress else [])]
         producer = asyncio.create_task(produce())
@@ -643,8 +729,6 @@ async def arun_batches(
     if stats.done != total:  # the producer was cancelled mid-input (a second Ctrl-C)
         log.warning("%s rows were not read before the run stopped", f"{total - stats.done:,}")
     stats.finished = time.monotonic()
-    if stats.changed:
-        log.info("%s rows changed since the last run and were sent again", f"{stats.changed:,}")
     if stats.cut_streams:
         log.info(
             "%s rows had streams cut before their end and sent again; DashScope bills what "

@@ -239,6 +239,14 @@ def test_dry_run_skips_rows_the_journal_answered(simulator, tmp_path):
     assert "2 already answered in the journal" in result.stdout
 
 
+def test_dry_run_needs_no_key(tmp_path):
+    source = write_prompts(tmp_path / "in.csv", ["a", "b"])
+    result = invoke(["run", str(source), "-o", "o.csv", "--dry-run"], key=None)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith("dry run: 2 of 2 rows would be sent to qwen-plus")
+    assert not list(tmp_path.glob("o.csv*"))  # wrote nothing
+
+
 def test_dry_run_of_an_unpriced_model(tmp_path):
     source = write_prompts(tmp_path / "in.csv", ["a"])
     result = invoke(
@@ -342,6 +350,25 @@ def test_a_budget_below_one_request_says_why(simulator, tmp_path):
     assert result.exit_code == 5 and sim.stats.requests == 0
     # 32,768 answer + 32,768 reasoning tokens at 4.00 = $0.2621 (plus a few input tokens)
     assert "the next request could cost up to $0.2621" in result.stderr
+    # What makes the worst case that large is reasoning, which --max-tokens does not cap.
+    assert "--disable-thinking, or a --thinking-budget, lowers that" in result.stderr
+    off = invoke(["run", str(source), "-o", "o.csv", "--max-cost", "0.01", "--disable-thinking"], sim)
+    assert off.exit_code == 5 and "; --max-tokens lowers that)" in off.stderr  # 32,768 x 1.20 = $0.039
+    fits = invoke(
+        [
+            "run",
+            str(source),
+            "-o",
+            "o.csv",
+            "--max-cost",
+            "0.01",
+            "--disable-thinking",
+            "--max-tokens",
+            "500",
+        ],
+        sim,
+    )
+    assert fits.exit_code == 0 and sim.stats.requests == 1
 
 
 def test_globs_skip_the_partial_tables_of_stopped_runs(tmp_path):

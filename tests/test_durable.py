@@ -175,6 +175,18 @@ def test_a_second_run_on_the_same_output_exits_4_touching_nothing(simulator, tmp
     assert not journal_path(out).exists()
 
 
+def test_validate_exits_4_while_another_run_holds_the_output(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["a"])
+    out = tmp_path / "out.csv"
+    assert invoke(["validate", str(source), "-o", str(out)], sim).exit_code == 0
+    with Journal(journal_path(out)) as holder:
+        holder.lock(out)
+        result = invoke(["validate", str(source), "-o", str(out)], sim)
+    assert result.exit_code == 4 and "another batchgen run" in result.stderr
+    assert invoke(["validate", str(source), "-o", str(out)], sim).exit_code == 0  # released
+
+
 def test_changed_rows_are_sent_again_and_counted(simulator, tmp_path):
     sim = simulator()
     prompts = [f"question {i}" for i in range(10)]
@@ -192,12 +204,77 @@ def test_changed_rows_are_sent_again_and_counted(simulator, tmp_path):
     changed = invoke(args, sim)
     assert changed.exit_code == 0
     assert sim.stats.requests == 12
-    assert "2 rows changed since the last run and were sent again" in changed.stderr
+    # One line, before anything is paid, already counts what will be sent.
+    assert "resumed: 8 done, 2 to go (2 changed since the last run)" in changed.stderr
+    assert changed.stderr.index("resumed:") < changed.stderr.index("10 rows: 10 ok")
     frame = pl.read_csv(out)
     assert frame["reply"][2].startswith('Qwen (simulated) on "a new question"')
 
     model = invoke([*args, "--temperature", "0.3"], sim)  # a parameter is part of the request
     assert model.exit_code == 0 and sim.stats.requests == 22
+    assert "resumed: 0 done, 10 to go (10 changed since the last run)" in model.stderr
+
+    # Every paid answer stays in the journal: switching back costs nothing.
+    back = invoke(args, sim)
+    assert back.exit_code == 0 and sim.stats.requests == 22
+    assert "resumed: 10 done, 0 to go" in back.stderr
+    assert pl.read_csv(out)["reply"].to_list() == frame["reply"].to_list()
+
+
+def test_the_resume_line_counts_errors_sent_again_and_rows_never_sent(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["fine", "[sim:InternalError] y", ""])
+    out = tmp_path / "out.csv"
+    args = ["run", str(source), "-o", str(out), "--max-attempts", "1", "--rpm", "60000"]
+    assert invoke(args, sim).exit_code == 3
+    write_prompts(source, ["fine", "[sim:InternalError] y", "", "a new row"])
+    again = invoke(args, sim)
+    assert "resumed: 1 done, 2 to go (1 errors sent again, 1 never sent); 1 not sendable" in again.stderr
+
+
+def test_another_request_set_never_silently_replaces_an_output(simulator, tmp_path):
+    # The README's --limit 5 -m qwen-turbo on the job's output: the 50-row table is kept aside,
+    # and the journal keeps its answers, so the first command afterwards sends nothing.
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", [f"question {i}" for i in range(12)])
+    out = tmp_path / "out.csv"
+    args = ["run", str(source), "-o", str(out), "--rpm", "60000"]
+    assert invoke(args, sim).exit_code == 0
+    first = out.read_text()
+
+    other = invoke([*args, "--limit", "5", "-m", "qwen-turbo"], sim)
+    assert other.exit_code == 0, other.stderr
+    kept = list(tmp_path.glob("out.replaced-*.csv"))
+    assert len(kept) == 1 and kept[0].read_text() == first
+    assert "held the answers of another request set (rows 12, model qwen-plus)" in other.stderr
+    assert pl.read_csv(out).height == 5
+
+    back = invoke(args, sim)
+    assert back.exit_code == 0 and sim.stats.requests == 12 + 5
+    assert "resumed: 12 done, 0 to go" in back.stderr
+    assert pl.read_csv(out).drop("finished_at").equals(pl.read_csv(kept[0]).drop("finished_at"))
+
+    same = invoke(args, sim)  # the same request set again replaces its own output, as always
+    assert same.exit_code == 0 and len(list(tmp_path.glob("out.replaced-*.csv"))) == 2
+
+
+def test_a_schema_1_journal_is_migrated_and_keeps_its_answers(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["a", "b"])
+    out = tmp_path / "out.csv"
+    args = ["run", str(source), "-o", str(out), "--rpm", "60000"]
+    assert invoke(args, sim).exit_code == 0
+    with sqlite3.connect(journal_path(out)) as db:  # rebuild it as schema 1 wrote it
+        db.executescript(
+            "ALTER TABLE rows RENAME TO r2; CREATE TABLE rows (key TEXT PRIMARY KEY, request_hash TEXT "
+            "NOT NULL, status TEXT NOT NULL, final INTEGER NOT NULL, result TEXT NOT NULL); INSERT INTO "
+            "rows SELECT * FROM r2; DROP TABLE r2; UPDATE meta SET value = '1' WHERE key = 'schema';"
+        )
+    again = invoke(args, sim)
+    assert again.exit_code == 0 and sim.stats.requests == 2
+    assert "resumed: 2 done, 0 to go" in again.stderr
+    with sqlite3.connect(journal_path(out)) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
 
 
 def test_retryable_errors_are_retried_on_resume_permanent_ones_kept(simulator, tmp_path):

@@ -203,3 +203,37 @@ def test_a_named_flag_overrides_the_jobs_parameters(simulator, tmp_path):
     assert result.exit_code == 0, result.stderr
     row = pl.read_csv(tmp_path / "o.csv").row(0, named=True)
     assert row["output_tokens"] == 3 and row["finish_reason"] == "length"
+
+
+def test_an_unknown_parameter_is_sent_with_a_warning_and_validate_lists_it(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["a"])
+    job = write_job(
+        tmp_path / "j.toml", f'input = "{source}"\noutput = "out.csv"\n[parameters]\ntemprature = 0.2\n'
+    )
+    checked = invoke(["validate", "--job", str(job), "--param", "presence_penalty=0.5"], sim)
+    assert checked.exit_code == 0, checked.stderr
+    assert "unknown parameters, sent as they are: temprature (did you mean temperature?)" in checked.stderr
+    assert "presence_penalty" not in checked.stderr  # a known one is not flagged
+
+    result = invoke(["run", "--job", str(job)], sim)
+    assert result.exit_code == 0
+    assert (
+        "warning: parameter temprature (did you mean temperature?) is not one DashScope or the OpenAI "
+        "API documents: sent as it is" in result.stderr
+    )
+    assert sim.stats.requests == 1  # still sent: the API grows
+
+
+def test_a_schema_the_model_cannot_take_is_said_once_at_the_start(simulator, tmp_path):
+    sim = simulator()
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "object", "properties": {"label": {"type": "string"}}}')
+    source = write_prompts(tmp_path / "in.csv", ["answer in json: a", "answer in json: b"])
+    result = invoke(
+        ["run", str(source), "-o", str(tmp_path / "o.csv"), "-m", "qwen-turbo", "--json-schema", str(schema)],
+        sim,
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.count("qwen-turbo takes no JSON Schema on DashScope") == 1
+    assert result.stderr.index("takes no JSON Schema") < result.stderr.index("2 rows:")

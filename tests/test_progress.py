@@ -54,3 +54,35 @@ def test_summary_line():
     stats.skipped = 1
     stats.finished = stats.started + 2.5
     assert summary_line(stats) == ("5 rows: 3 ok, 1 error, 1 skipped · tokens in 300, out 120 · 2.5s")
+
+
+def test_skipped_rows_are_not_counted_as_done():
+    stats = stats_with(ok=30, error=0, total=100)
+    stats.skipped = 70  # Ctrl-C: the rest will not be answered
+    assert status_line(stats).startswith("30/100 rows (30%)")
+    assert status_line(stats).endswith("0 errors · 70 skipped")
+
+
+def test_a_log_line_never_lands_on_the_bar():
+    import logging
+
+    from batchgen.logs import setup_logging
+
+    stream = io.StringIO()
+    log = setup_logging("text", stream=stream)
+    progress = Progress(stream, live=True, interval=0.01)
+    stats = stats_with(ok=50, error=0, total=100)
+
+    async def warn_while_drawn() -> None:
+        task = asyncio.create_task(progress(stats))
+        await asyncio.sleep(0.05)
+        log.warning("SIGINT: sending no more requests")
+        await asyncio.sleep(0.03)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(warn_while_drawn())
+    text = stream.getvalue()
+    before, _, _ = text.partition("batchgen: warning: SIGINT")
+    assert before.endswith("\r\x1b[K")  # the bar was cleared, so the line starts clean
+    assert not logging.getLogger("batchgen").handlers[0].filters  # removed once the run ends

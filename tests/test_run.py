@@ -169,6 +169,25 @@ def test_a_failed_run_never_clobbers_an_existing_output(simulator, tmp_path):
     kept = sorted(tmp_path.glob("out.partial-*.csv"))
     assert len(kept) == 1 and str(kept[0].name) in result.stderr
     assert pl.read_csv(kept[0]).height == 2
+    assert (tmp_path / f"{kept[0].name}.meta.json").exists()
+
+    # Once a run writes the whole output, the partial tables (whose answers the journal holds,
+    # so the output too) and their sidecars go: they do not pile up under cron.
+    (tmp_path / "out.partial-20000101T000000Z.csv.meta.json").write_text("{}")  # a sidecar alone
+    fixed = invoke(["run", str(source), "-o", str(out), *FAST], sim)
+    assert fixed.exit_code == 0, fixed.stderr
+    assert pl.read_csv(out).height == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == []
+
+
+@pytest.mark.parametrize(
+    "args", [["--simulate", "--base-url", "http://127.0.0.1:9/api/v1"]], ids=["simulate-and-base-url"]
+)
+def test_a_run_refused_with_exit_2_leaves_no_journal_or_lock(tmp_path, args):
+    source = write_prompts(tmp_path / "in.csv", ["a"])
+    result = invoke(["run", str(source), "-o", str(tmp_path / "out" / "o.csv"), *args])
+    assert result.exit_code == 2
+    assert not [p for p in tmp_path.rglob("*") if ".journal" in p.name]
 
 
 def test_requests_are_paced_per_second(simulator, tmp_path):
@@ -337,3 +356,32 @@ def test_library_returns_the_output_frame(simulator):
     bad = batchgen.RunConfig(api_key="sk-bad-key-123", base_url=sim.base_url)
     assert "sk-bad-key-123" not in repr(bad) and KEY not in repr(config)
     assert "sk-bad" not in str(caught.value)
+
+
+def test_concurrency_is_capped_at_the_rows_and_a_documented_maximum(simulator, tmp_path):
+    import asyncio
+
+    from batchgen import RunConfig
+    from batchgen import run as run_library
+
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", [f"p{i}" for i in range(20)])
+    result = invoke(
+        ["run", str(source), "-o", str(tmp_path / "o.csv"), "-c", "1000000", "--rpm", "60000"], sim
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "--concurrency 1,000,000 is more than is useful: batchgen keeps at most 2,000" in result.stderr
+
+    seen: list[int] = []
+
+    async def count_tasks(stats) -> None:  # runs inside the run's event loop
+        while True:
+            seen.append(len(asyncio.all_tasks()))
+            await asyncio.sleep(0.001)
+
+    config = RunConfig(api_key=KEY, base_url=sim.base_url, concurrency=1_000_000, rpm=60000)
+    answered = run_library(
+        pl.DataFrame({"prompt": [f"q{i}" for i in range(20)]}), config, progress=count_tasks
+    )
+    assert answered.stats.ok == 20
+    assert 0 < max(seen) <= 20 + 4  # a worker a row at most, plus the producer, progress and main
