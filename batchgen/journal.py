@@ -35,8 +35,7 @@ SCHEMA_VERSION = "2"
 
 # One row per (row key, request): every answer paid for is kept, so a run that switches the
 # model, a parameter or the endpoint and then switches back takes the earlier answers again.
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+_ROWS = """
 CREATE TABLE IF NOT EXISTS rows (
     key TEXT NOT NULL,
     request_hash TEXT NOT NULL,
@@ -46,17 +45,11 @@ CREATE TABLE IF NOT EXISTS rows (
     PRIMARY KEY (key, request_hash)
 );
 """
+_SCHEMA = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);" + _ROWS
 # Schema 1 kept one row per key, each new request replacing the last answer.
-_MIGRATE_1 = """
+_MIGRATE_1 = f"""
 ALTER TABLE rows RENAME TO rows_v1;
-CREATE TABLE rows (
-    key TEXT NOT NULL,
-    request_hash TEXT NOT NULL,
-    status TEXT NOT NULL,
-    final INTEGER NOT NULL,
-    result TEXT NOT NULL,
-    PRIMARY KEY (key, request_hash)
-);
+{_ROWS}
 INSERT INTO rows SELECT key, request_hash, status, final, result FROM rows_v1;
 DROP TABLE rows_v1;
 UPDATE meta SET value = '2' WHERE key = 'schema';
