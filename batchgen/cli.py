@@ -44,6 +44,11 @@ def _run_options(command: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Choice(INPUT_FORMATS),
             help="Read INPUT as this format whatever its extension.",
         ),
+        click.option(
+            "--separator",
+            metavar="CHAR",
+            help="Field separator of a CSV input, e.g. ';' or '\\t' for tab.  [default: ,]",
+        ),
         click.option("--prompt-column", help="Column holding the user prompt.  [default: prompt]"),
         click.option("--template", help="Build the prompt from columns, e.g. 'Summarize: {text}'."),
         click.option("--system", "system_prompt", help="System prompt for every row."),

@@ -161,8 +161,15 @@ def _prepare(options: dict[str, Any]) -> Prepared:
     schema = load_schema(Path(options["json_schema"])) if options["json_schema"] else None
     parameters = _generation_parameters(options, schema)
     _check_route(options, spec)
+    separator = options["separator"]
+    if separator is not None and format_of(input_path, options["input_format"], role="input") != "csv":
+        raise UsageError(f"--separator is for CSV input; {input_path} is not read as CSV: drop it")
     source = open_source(
-        input_path, options["input_format"], limit=options["limit"], messages_column=spec.messages_column
+        input_path,
+        options["input_format"],
+        limit=options["limit"],
+        messages_column=spec.messages_column,
+        separator=separator or ",",
     )
     check_columns(spec, source.columns, source.schema)
     check_collisions(source.columns)

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import polars as pl
 
+from batchgen.csvshape import NOT_UTF8, check_csv, checked_separator
 from batchgen.errors import UsageError
 
 Format = Literal["csv", "parquet", "jsonl"]
@@ -34,11 +35,6 @@ _EXTENSIONS: dict[str, Format] = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
 }
-
-NOT_UTF8 = (
-    "{path} is not UTF-8 text (first bad byte at offset {offset}): re-save it as UTF-8, "
-    "e.g. `iconv -f latin1 -t utf-8 {path} > fixed.csv`"
-)
 
 
 def format_of(path: str | os.PathLike[str], override: str | None = None, *, role: str) -> Format:
@@ -98,12 +94,14 @@ def _input(path: str | os.PathLike[str], fmt: str | None) -> tuple[Path, Format]
     return path, found
 
 
-def read_table(path: str | os.PathLike[str], fmt: str | None = None) -> pl.DataFrame:
+def read_table(path: str | os.PathLike[str], fmt: str | None = None, *, separator: str = ",") -> pl.DataFrame:
     """Read a whole input table; CSV cells stay strings so nothing is reinterpreted."""
     path, fmt = _input(path, fmt)
+    separator = checked_separator(separator)
     try:
         if fmt == "csv":
-            frame = pl.read_csv(path, infer_schema=False, encoding="utf8")
+            check_csv(path, separator)
+            frame = pl.read_csv(path, infer_schema=False, encoding="utf8", separator=separator)
             # Spreadsheet exports often start with a byte-order mark; it is not part of the name.
             if frame.columns and frame.columns[0].startswith("\ufeff"):
                 frame = frame.rename({frame.columns[0]: frame.columns[0].lstrip("\ufeff")})
@@ -111,6 +109,8 @@ def read_table(path: str | os.PathLike[str], fmt: str | None = None) -> pl.DataF
             frame = pl.read_parquet(path)
         else:
             frame = pl.read_ndjson(path, infer_schema_length=None)
+    except UsageError:
+        raise
     except pl.exceptions.NoDataError:
         raise UsageError(f"input {path} is empty: it has no header and no rows") from None
     except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
@@ -330,19 +330,21 @@ def open_source(
     *,
     limit: int | None = None,
     messages_column: str | None = None,
+    separator: str = ",",
 ) -> Source:
     """Open an input table for streaming; every read problem is a ``UsageError`` *now*.
 
-    The whole file is checked before the first request (UTF-8 for CSV, every line for JSONL,
-    the footer for Parquet), so a bad row 900,000 cannot stop a run that has been paying.
+    The whole file is checked before the first request (for CSV: UTF-8, each row's cell count
+    and each quote, in one pass; every line for JSONL; the footer for Parquet), so a bad row
+    900,000 cannot stop a run that has been paying. ``separator`` is the CSV's one-character
+    separator (``"\\t"``, as typed in a shell, means a tab).
     """
     path, fmt = _input(path, fmt)
+    separator = checked_separator(separator)
     try:
         if fmt == "csv":
-            offset = _first_bad_utf8(path)
-            if offset is not None:
-                raise UsageError(NOT_UTF8.format(path=path, offset=offset))
-            scan = pl.scan_csv(path, infer_schema=False, encoding="utf8")
+            check_csv(path, separator)
+            scan = pl.scan_csv(path, infer_schema=False, encoding="utf8", separator=separator)
             first = scan.collect_schema().names()[0] if scan.collect_schema().names() else ""
             if first.startswith("\ufeff"):  # a spreadsheet's byte-order mark is not in the name
                 scan = scan.rename({first: first.lstrip("\ufeff")})
