@@ -164,6 +164,10 @@ class Journal:
                 else:
                     with contextlib.suppress(OSError):
                         leftover.unlink()
+        sidecar = output.with_name(output.name + ".meta.json")
+        if sidecar.exists() and not output.exists():  # a write that failed after its sidecar
+            with contextlib.suppress(OSError):
+                sidecar.unlink()
 
     def lock(self, output: str | os.PathLike[str]) -> None:
         """Take the output's lock or fail at once: overlapping cron runs must not interleave."""

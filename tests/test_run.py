@@ -174,6 +174,11 @@ def test_a_failed_run_never_clobbers_an_existing_output(simulator, tmp_path):
     # Once a run writes the whole output, the partial tables (whose answers the journal holds,
     # so the output too) and their sidecars go: they do not pile up under cron.
     (tmp_path / "out.partial-20000101T000000Z.csv.meta.json").write_text("{}")  # a sidecar alone
+    from batchgen.journal import Journal
+
+    (tmp_path / "new.csv.meta.json").write_text('{"model": "from a write that failed"}')
+    Journal(tmp_path / "new.csv.journal").clean_leftovers(tmp_path / "new.csv")
+    assert not (tmp_path / "new.csv.meta.json").exists()  # a sidecar without its table goes
     fixed = invoke(["run", str(source), "-o", str(out), *FAST], sim)
     assert fixed.exit_code == 0, fixed.stderr
     assert pl.read_csv(out).height == 2
