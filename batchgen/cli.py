@@ -334,7 +334,8 @@ def run(ctx: click.Context, **options: Any) -> None:
     \b
     Exit codes: 0 every row ok, 3 some rows failed, 1 stopped on a fatal error,
     2 bad usage or input (nothing sent), 4 another run holds OUTPUT, 5 stopped by
-    --max-cost, 130/143 stopped by SIGINT/SIGTERM (all three resumable).
+    --max-cost, 130/143 stopped by SIGINT/SIGTERM (after 5, 130 and 143 run the same
+    command again to resume).
     """
     _dispatch(ctx, "run_command", options)
 
@@ -350,7 +351,8 @@ def validate(ctx: click.Context, **options: Any) -> None:
       batchgen validate prompts.csv -o answers.csv --template 'Summarize: {text}'
       batchgen validate --job jobs/nightly-summaries.toml
 
-    Exit code 0 when the run would start, 2 (with the reason) when it would not.
+    Exit code 0 when the run would start, 2 (with the reason) when it would not, 4 when
+    another run holds OUTPUT.
     """
     _dispatch(ctx, "validate_command", options)
 
@@ -464,7 +466,8 @@ def simulate(host: str, port: int, key: str | None, **knobs: Any) -> None:
     """Serve a DashScope simulator for tests, demos and benchmarks.
 
     \b
-    Speaks the native text and multimodal routes with DashScope's shapes, errors and quotas:
+    Speaks the native text and multimodal routes and the OpenAI-compatible one
+    (/compatible-mode/v1) with DashScope's shapes, errors and quotas:
       batchgen simulate --port 8765 --latency 0.5 --rpm 600 --fault-429 0.05
       DASHSCOPE_HTTP_BASE_URL=http://127.0.0.1:8765/api/v1 batchgen run in.csv -o out.csv
     """

@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import signal
-import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -60,6 +59,7 @@ from batchgen.tables import (
     metadata_path,
     open_source,
     read_metadata,
+    write_atomically,
 )
 
 log = logging.getLogger("batchgen")
@@ -354,7 +354,7 @@ async def _run_with_signals(
             return
         log.warning(
             "%s: sending no more requests; letting those in flight finish (up to %gs); "
-            "press Ctrl-C again to stop at once",
+            "send it again (Ctrl-C) to stop at once",
             name,
             grace,
             extra=event("stopping", signal=name, grace=grace),
@@ -534,7 +534,7 @@ def _run_locked(
             replaced = _keep_other_request_set(output, metadata) if target == output else None
             writer.commit(target)
             if target == output:
-                _remove_superseded(output)
+                _remove_superseded(output, metadata)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
     except (OSError, pl.exceptions.PolarsError) as exc:
@@ -598,6 +598,11 @@ def _run_locked(
             journal.path,
             extra=event("stopped", signal=result.stopped, skipped=stats.skipped),
         )
+    if stats.error_codes:  # exit 3 says why without opening the table
+        log.info(
+            "errors by code: %s",
+            ", ".join(f"{code} {n:,}" for code, n in stats.error_codes.most_common()),
+        )
     log.info(
         "%s · wrote %s",
         summary_line(stats),
@@ -617,13 +622,18 @@ def _beside(output: Path, kind: str) -> Path:
     raise BatchgenError(f"too many {kind} tables beside {output}: remove some")
 
 
+def _other_request_set(recorded: Mapping[str, str], metadata: Mapping[str, str]) -> list[str]:
+    """What a table's recorded request set has that differs from this run's (what it records)."""
+    return [k for k in REQUEST_SET if recorded.get(k) and recorded[k] != metadata[k]]
+
+
 def _keep_other_request_set(output: Path, metadata: Mapping[str, str]) -> tuple[Path, str] | None:
     """An existing output written for another input, row count, model or endpoint is renamed
     ``NAME.replaced-<UTC time>.EXT`` (with its sidecar) before this run's table takes its place."""
     if not output.exists():
         return None
     recorded = read_metadata(output)
-    differs = [k for k in REQUEST_SET if recorded.get(k) and recorded[k] != metadata[k]]
+    differs = _other_request_set(recorded, metadata)
     if not differs:
         return None
     kept = _beside(output, "replaced")
@@ -634,17 +644,23 @@ def _keep_other_request_set(output: Path, metadata: Mapping[str, str]) -> tuple[
     return kept, what
 
 
-def _remove_superseded(output: Path) -> None:
-    """``.partial-`` tables of stopped runs, and sidecars without a table, once ``output`` holds
-    every row (each of their answers is in the journal, so in the output)."""
-    for partial in output.parent.glob(f"{glob.escape(output.stem)}.partial-*{glob.escape(output.suffix)}"):
-        for path in (partial, metadata_path(partial)):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-    for sidecar in output.parent.glob(f"{glob.escape(output.stem)}.partial-*.meta.json"):
-        if not sidecar.with_name(sidecar.name.removesuffix(".meta.json")).exists():
-            with contextlib.suppress(FileNotFoundError):
-                sidecar.unlink()
+def _remove_superseded(output: Path, metadata: Mapping[str, str]) -> None:
+    """Tables beside ``output`` that it now holds again: the ``.partial-`` tables of stopped runs
+    and the ``.replaced-`` copies of the same request set (every answer they held is in the
+    journal, so in ``output``), and sidecars left without their table. Tables of another
+    request set hold answers ``output`` does not: they stay."""
+    stem, suffix = glob.escape(output.stem), glob.escape(output.suffix)
+    for kind in ("partial", "replaced"):
+        for table in output.parent.glob(f"{stem}.{kind}-*{suffix}"):
+            if _other_request_set(read_metadata(table), metadata):
+                continue
+            for path in (table, metadata_path(table)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        for sidecar in output.parent.glob(f"{stem}.{kind}-*.meta.json"):
+            if not sidecar.with_name(sidecar.name.removesuffix(".meta.json")).exists():
+                with contextlib.suppress(FileNotFoundError):
+                    sidecar.unlink()
 
 
 @dataclass
@@ -702,14 +718,9 @@ class RunSummary:
             "stopped_by": self.result.stopped if self.result else None,
             **self.counts(),
         }
-        path = Path(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            with os.fdopen(fd, "w") as f:
-                json.dump(summary, f, indent=2, ensure_ascii=False)
-                f.write("\n")
-            os.replace(tmp, path)
+        text = json.dumps(summary, indent=2, ensure_ascii=False).encode() + b"\n"
+        try:  # atomic, and readable like the outputs (0666 less the umask), not mkstemp's 0600
+            write_atomically(Path(path), lambda f: f.write(text))
         except OSError as exc:
             log.warning("could not write the summary %s: %s", path, exc.strerror or exc)
 

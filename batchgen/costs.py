@@ -285,7 +285,8 @@ def render(report: Report, fmt: str) -> str:
     notes = [f"prices: {report.prices.describe()}"]
     for model, entry in sorted(report.unpriced_models.items()):
         notes.append(
-            f"unpriced: {model} ({entry['rows']:,} rows, {entry['tokens']:,} tokens) "
+            f"unpriced: {model} ({entry['rows']:,} row{'s' if entry['rows'] != 1 else ''}, "
+            f"{entry['tokens']:,} tokens) "
             f"has no {report.prices.region} price in the table; add it with --prices FILE"
         )
     if fmt == "markdown":

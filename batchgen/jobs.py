@@ -97,7 +97,9 @@ def job_options(job_path: str | Path, kinds: Mapping[str, str]) -> dict[str, Any
     for key, value in table.items():
         name = RENAMED.get(key, key)
         if name not in kinds or key in NOT_IN_JOBS or (key in RENAMED.values()):
-            raise UsageError(f"{job_path}: unknown key {key!r}; known keys: {', '.join(known)}")
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UsageError(f"{job_path}: unknown key {key!r}; {hint}known keys: {', '.join(known)}")
         if name == "params":
             value = check_value(str(job_path), key, value, "table")
             options[name] = dict(value)

@@ -199,7 +199,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         return {}
 
 
-def _write_atomically(path: Path, write: Any) -> None:
+def write_atomically(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -234,12 +234,12 @@ def write_table(
         frame = _flatten_for_text(frame, fmt)
         if metadata is not None:
             text = json.dumps(metadata, indent=2, ensure_ascii=False).encode() + b"\n"
-            _write_atomically(metadata_path(path), lambda f: f.write(text))
+            write_atomically(metadata_path(path), lambda f: f.write(text))
         writer = frame.write_csv if fmt == "csv" else frame.write_ndjson
-        _write_atomically(path, writer)
+        write_atomically(path, writer)
         return
     kv = {f"batchgen.{k}": v for k, v in (metadata or {}).items()}
-    _write_atomically(path, lambda f: frame.write_parquet(f, metadata=kv or None))
+    write_atomically(path, lambda f: frame.write_parquet(f, metadata=kv or None))
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -478,7 +478,7 @@ class TableWriter:
         os.chmod(self._tmp, _new_file_mode(target))
         if self.fmt != "parquet" and self.metadata is not None:
             text = json.dumps(self.metadata, indent=2, ensure_ascii=False).encode() + b"\n"
-            _write_atomically(metadata_path(target), lambda f: f.write(text))
+            write_atomically(metadata_path(target), lambda f: f.write(text))
         os.replace(self._tmp, target)
         _fsync_dir(target.parent)
 

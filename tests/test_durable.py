@@ -249,13 +249,18 @@ def test_another_request_set_never_silently_replaces_an_output(simulator, tmp_pa
     assert "held the answers of another request set (rows 12, model qwen-plus)" in other.stderr
     assert pl.read_csv(out).height == 5
 
+    kept_table = pl.read_csv(kept[0])
     back = invoke(args, sim)
     assert back.exit_code == 0 and sim.stats.requests == 12 + 5
     assert "resumed: 12 done, 0 to go" in back.stderr
-    assert pl.read_csv(out).drop("finished_at").equals(pl.read_csv(kept[0]).drop("finished_at"))
+    assert pl.read_csv(out).drop("finished_at").equals(kept_table.drop("finished_at"))
+    # The copy of this request set is gone (the output holds it again: no double count in
+    # `batchgen cost 'out*.csv'`); the qwen-turbo table, answers the output lacks, stays.
+    replaced = list(tmp_path.glob("out.replaced-*.csv"))
+    assert [pl.read_csv(t)["model"].unique().to_list() for t in replaced] == [["qwen-turbo"]]
 
     same = invoke(args, sim)  # the same request set again replaces its own output, as always
-    assert same.exit_code == 0 and len(list(tmp_path.glob("out.replaced-*.csv"))) == 2
+    assert same.exit_code == 0 and list(tmp_path.glob("out.replaced-*.csv")) == replaced
 
 
 def test_a_schema_1_journal_is_migrated_and_keeps_its_answers(simulator, tmp_path):

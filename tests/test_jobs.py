@@ -110,7 +110,9 @@ def test_job_file_values_reach_the_request(simulator, tmp_path):
     ("text", "needle"),
     [
         pytest.param(
-            'input = "in.csv"\nmodle = "qwen-plus"\n', "unknown key 'modle'; known keys:", id="unknown-key"
+            'input = "in.csv"\nmodle = "qwen-plus"\n',
+            "unknown key 'modle'; did you mean 'model'? known keys:",
+            id="unknown-key",
         ),
         pytest.param(
             'input = "in.csv"\nconcurrency = "16"\n',
@@ -237,3 +239,21 @@ def test_a_schema_the_model_cannot_take_is_said_once_at_the_start(simulator, tmp
     assert result.exit_code == 0, result.stderr
     assert result.stderr.count("qwen-turbo takes no JSON Schema on DashScope") == 1
     assert result.stderr.index("takes no JSON Schema") < result.stderr.index("2 rows:")
+
+
+def test_a_misspelt_job_key_gets_a_suggestion(simulator, tmp_path):
+    job = write_job(tmp_path / "j.toml", 'input = "in.csv"\noutput = "o.csv"\nconcurency = 4\n')
+    result = invoke(["run", "--job", str(job)], simulator())
+    assert result.exit_code == 2 and "unknown key 'concurency'; did you mean 'concurrency'?" in result.stderr
+
+
+def test_the_summary_file_is_readable_like_the_outputs(simulator, tmp_path):
+    import os
+    import stat
+
+    source = write_prompts(tmp_path / "in.csv", ["a"])
+    summary = tmp_path / "s.json"
+    assert invoke(["run", str(source), "-o", "o.csv", "--summary", str(summary)], simulator()).exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(summary.stat().st_mode) == 0o666 & ~umask

@@ -390,3 +390,13 @@ def test_concurrency_is_capped_at_the_rows_and_a_documented_maximum(simulator, t
     )
     assert answered.stats.ok == 20
     assert 0 < max(seen) <= 20 + 4  # a worker a row at most, plus the producer, progress and main
+
+
+def test_a_run_with_row_errors_says_which_codes(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["fine", "[sim:DataInspectionFailed] x", ""])
+    result = invoke(["run", str(source), "-o", str(tmp_path / "o.csv"), *FAST], sim)
+    assert result.exit_code == 3
+    assert "errors by code: " in result.stderr
+    line = next(x for x in result.stderr.splitlines() if "errors by code" in x)
+    assert "DataInspectionFailed 1" in line and "batchgen.EmptyPrompt 1" in line
