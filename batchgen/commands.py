@@ -169,7 +169,7 @@ def _prepare(options: dict[str, Any]) -> Prepared:
         options["input_format"],
         limit=options["limit"],
         messages_column=spec.messages_column,
-        separator=separator or ",",
+        separator=separator,
     )
     check_columns(spec, source.columns, source.schema)
     check_collisions(source.columns)
@@ -529,14 +529,11 @@ def _run_locked(
             target = _beside(output, "partial")
         # A signal now would leave no output for answers already paid: hold it until the
         # table is in place (it is delivered, and honoured, right after).
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
+        with _signals_deferred():
             replaced = _keep_other_request_set(output, metadata) if target == output else None
             writer.commit(target)
-            if target == output:
+            if target == output and not options["fresh"]:  # --fresh: the journal forgot them
                 _remove_superseded(output, metadata)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
     except (OSError, pl.exceptions.PolarsError) as exc:
         writer.discard()
         reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
@@ -622,14 +619,47 @@ def _beside(output: Path, kind: str) -> Path:
     raise BatchgenError(f"too many {kind} tables beside {output}: remove some")
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done, then are delivered as they came.
+
+    A Python-level handler, not a blocked mask: the polars and HTTP threads alive by now
+    would take a blocked signal with its default action. Python runs handlers on the main
+    thread whichever thread the kernel picked.
+    """
+    caught: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda number, _frame: caught.append(number)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for number in caught:
+            signal.raise_signal(number)
+
+
 def _other_request_set(recorded: Mapping[str, str], metadata: Mapping[str, str]) -> list[str]:
-    """What a table's recorded request set has that differs from this run's (what it records)."""
-    return [k for k in REQUEST_SET if recorded.get(k) and recorded[k] != metadata[k]]
+    """What a table recorded that this run's table would not hold: another input, model or
+    endpoint, or more rows (a full table about to be replaced by a --limit run's)."""
+    differs = [k for k in ("input", "model", "endpoint") if recorded.get(k) and recorded[k] != metadata[k]]
+    rows = recorded.get("rows", "")
+    if rows.isdigit() and int(rows) > int(metadata["rows"]):
+        differs.append("rows")
+    return differs
+
+
+def _held_by(recorded: Mapping[str, str], metadata: Mapping[str, str]) -> bool:
+    """Whether a table's answers are all in the journal and this run's rows: it recorded its
+    whole request set (a table without one, or from before batchgen kept one, may hold the
+    only copy of an answer) and it is not another set."""
+    return all(recorded.get(k) for k in REQUEST_SET) and not _other_request_set(recorded, metadata)
 
 
 def _keep_other_request_set(output: Path, metadata: Mapping[str, str]) -> tuple[Path, str] | None:
-    """An existing output written for another input, row count, model or endpoint is renamed
-    ``NAME.replaced-<UTC time>.EXT`` (with its sidecar) before this run's table takes its place."""
+    """An existing output written for another input, model or endpoint, or with more rows, is
+    renamed ``NAME.replaced-<UTC time>.EXT`` (with its sidecar) before this run's table takes
+    its place."""
     if not output.exists():
         return None
     recorded = read_metadata(output)
@@ -646,13 +676,13 @@ def _keep_other_request_set(output: Path, metadata: Mapping[str, str]) -> tuple[
 
 def _remove_superseded(output: Path, metadata: Mapping[str, str]) -> None:
     """Tables beside ``output`` that it now holds again: the ``.partial-`` tables of stopped runs
-    and the ``.replaced-`` copies of the same request set (every answer they held is in the
-    journal, so in ``output``), and sidecars left without their table. Tables of another
-    request set hold answers ``output`` does not: they stay."""
+    and the ``.replaced-`` copies of the same request set, no larger (every answer they held is
+    in the journal, so in ``output``), and sidecars left without their table. Tables of another
+    request set, or that recorded none, may hold answers ``output`` lacks: they stay."""
     stem, suffix = glob.escape(output.stem), glob.escape(output.suffix)
     for kind in ("partial", "replaced"):
         for table in output.parent.glob(f"{stem}.{kind}-*{suffix}"):
-            if _other_request_set(read_metadata(table), metadata):
+            if not _held_by(read_metadata(table), metadata):
                 continue
             for path in (table, metadata_path(table)):
                 with contextlib.suppress(FileNotFoundError):

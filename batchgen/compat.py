@@ -176,7 +176,7 @@ class OpenAIStream(StreamAssembler):
             body = None
         if not isinstance(body, dict):
             return _stream_error(event.status or 200, event.data, self.request_id)
-        if body.get("error") or body.get("code") or event.event == "error":
+        if body.get("error") or event.event == "error" or (body.get("code") and "choices" not in body):
             # OpenAI's envelope, or a DashScope gateway's native error frame (event:error with
             # the real status in :HTTP_STATUS/, seen on compatible-mode streams too).
             return _error_of(event.status or 200, body, self.request_id, {})

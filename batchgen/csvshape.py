@@ -116,9 +116,13 @@ def _block_end(chunk: bytes) -> int:
     return last
 
 
-def check_csv(path: Path, separator: str) -> None:
-    """One streaming pass over a CSV input: UTF-8, the separator, every row's cells, every quote."""
-    shape = _CsvShape(path, separator)
+def check_csv(path: Path, separator: str, *, sniff: bool = True) -> None:
+    """One streaming pass over a CSV input: UTF-8, the separator, every row's cells, every quote.
+
+    ``sniff``: a one-column header holding another separator is an error (off when the user
+    chose the separator explicitly, so a one-column file whose name holds a ``;`` can be read).
+    """
+    shape = _CsvShape(path, separator, sniff)
     for block in _csv_blocks(path):
         shape.feed(block)
     shape.finish()
@@ -133,8 +137,9 @@ class _CsvShape:
     which is also what names the line of a problem.
     """
 
-    def __init__(self, path: Path, separator: str) -> None:
+    def __init__(self, path: Path, separator: str, sniff: bool = True) -> None:
         self.path, self.separator, self.sep = path, separator, separator.encode()
+        self.sniff = sniff
         self.header = 0  # cells in the header; 0 until it is read
         self.number = 0  # lines read
         self.cells = 1  # cells so far in the current row
@@ -191,7 +196,8 @@ class _CsvShape:
                 if not header:
                     if line in (b"", b"\r"):
                         continue
-                    _check_header_separator(path, line, separator)
+                    if self.sniff:
+                        _check_header_separator(path, line, separator)
                 start, cells = number, 1
                 if _QUOTE not in line:
                     cells += line.count(sep)
@@ -262,9 +268,12 @@ def _check_header_separator(path: Path, line: bytes, separator: str) -> None:
         if other != separator and other.encode() in outside:
             named = "tabs" if other == "\t" else f'"{other}"'
             header = _quoted(line.rstrip(b"\r").decode("utf-8", "replace"))
+            alone = (
+                " (or --separator ',' if it is one column whose name holds it)" if separator == "," else ""
+            )
             raise UsageError(
                 f"input {path} looks separated by {named} (its header is {header}): "
-                f"pass --separator '{_shown_separator(other)}'"
+                f"pass --separator '{_shown_separator(other)}'{alone}"
             )
 
 

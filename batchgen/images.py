@@ -38,7 +38,8 @@ MIME_TYPES = {
 }
 _REMOTE = ("http://", "https://", "data:", "oss://")
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
-SNIFF_BYTES = 16
+_BMP_HEADERS = (12, 40, 52, 56, 64, 108, 124)  # the DIB header's size, after the 14-byte file header
+SNIFF_BYTES = 32
 NOT_AN_IMAGE = "{path} is named like an image but its first bytes are not those of a {types} file"
 TYPES = "png, jpeg, webp, gif, bmp, tiff or heic"
 
@@ -57,7 +58,7 @@ def sniff(head: bytes) -> str | None:
         return "image/gif"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "image/webp"
-    if head.startswith(b"BM"):
+    if head.startswith(b"BM") and int.from_bytes(head[14:18], "little") in _BMP_HEADERS:
         return "image/bmp"
     if head.startswith((b"II*\x00", b"MM\x00*")):
         return "image/tiff"

@@ -246,7 +246,8 @@ _FATAL_CODES = frozenset(
 # DashScope's compatible mode answers a token-rate overshoot (Throttling.AllocationQuota, which
 # clears within the minute) with 429 "insufficient_quota" ("You exceeded your current quota ...
 # #token-limit"): a throttle. Only these wordings of it mean that paying more is the fix.
-_QUOTA_GONE = ("free allocated quota exceeded", "platform.openai.com")
+_QUOTA_GONE = "free allocated quota exceeded"
+_OPENAI_CREDIT = "platform.openai.com"  # OpenAI's own insufficient_quota: no credit left
 # HTTP 200 bodies carrying one of these codes are transient server trouble, not a verdict.
 _RETRYABLE_CODE_PREFIXES = (
     "Throttling",
@@ -269,7 +270,8 @@ def classify(http_status: int | None, code: str, message: str) -> Disposition:
     if (
         code in _FATAL_CODES
         or code.startswith("AccessDenied")
-        or any(phrase in lowered for phrase in _QUOTA_GONE)
+        or _QUOTA_GONE in lowered
+        or (code == "insufficient_quota" and _OPENAI_CREDIT in lowered)
         or "model not exist" in lowered
         or "url error" in lowered
         or "only support stream" in lowered

@@ -94,13 +94,16 @@ def _input(path: str | os.PathLike[str], fmt: str | None) -> tuple[Path, Format]
     return path, found
 
 
-def read_table(path: str | os.PathLike[str], fmt: str | None = None, *, separator: str = ",") -> pl.DataFrame:
+def read_table(
+    path: str | os.PathLike[str], fmt: str | None = None, *, separator: str | None = None
+) -> pl.DataFrame:
     """Read a whole input table; CSV cells stay strings so nothing is reinterpreted."""
     path, fmt = _input(path, fmt)
-    separator = checked_separator(separator)
+    sniff = separator != ","  # a comma the user chose: trust it, one column or not
+    separator = checked_separator("," if separator is None else separator)
     try:
         if fmt == "csv":
-            check_csv(path, separator)
+            check_csv(path, separator, sniff=sniff)
             frame = pl.read_csv(path, infer_schema=False, encoding="utf8", separator=separator)
             # Spreadsheet exports often start with a byte-order mark; it is not part of the name.
             if frame.columns and frame.columns[0].startswith("\ufeff"):
@@ -330,20 +333,22 @@ def open_source(
     *,
     limit: int | None = None,
     messages_column: str | None = None,
-    separator: str = ",",
+    separator: str | None = None,
 ) -> Source:
     """Open an input table for streaming; every read problem is a ``UsageError`` *now*.
 
     The whole file is checked before the first request (for CSV: UTF-8, each row's cell count
     and each quote, in one pass; every line for JSONL; the footer for Parquet), so a bad row
     900,000 cannot stop a run that has been paying. ``separator`` is the CSV's one-character
-    separator (``"\\t"``, as typed in a shell, means a tab).
+    separator (``"\\t"``, as typed in a shell, means a tab; default a comma, and a one-column
+    header holding ``;`` or a tab is refused as a sign of another separator).
     """
     path, fmt = _input(path, fmt)
-    separator = checked_separator(separator)
+    sniff = separator != ","  # a comma the user chose: trust it, one column or not
+    separator = checked_separator("," if separator is None else separator)
     try:
         if fmt == "csv":
-            check_csv(path, separator)
+            check_csv(path, separator, sniff=sniff)
             scan = pl.scan_csv(path, infer_schema=False, encoding="utf8", separator=separator)
             first = scan.collect_schema().names()[0] if scan.collect_schema().names() else ""
             if first.startswith("\ufeff"):  # a spreadsheet's byte-order mark is not in the name

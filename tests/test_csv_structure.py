@@ -213,10 +213,15 @@ def test_a_stray_quote_in_an_unquoted_cell(simulator, tmp_path):
     assert cli_error(simulator(), tmp_path, source) == expected
 
 
+ALONE = " (or --separator ',' if it is one column whose name holds it)"
+
+
 # -- separators --------------------------------------------------------------------------------
 def test_a_semicolon_separated_file_says_which_separator_to_pass(simulator, tmp_path):
     source = write(tmp_path / "data.csv", "id;prompt\n1;hello\n2;bonjour, monde\n")
-    expected = f'input {source} looks separated by ";" (its header is "id;prompt"): pass --separator \';\''
+    expected = (
+        f'input {source} looks separated by ";" (its header is "id;prompt"): pass --separator \';\'{ALONE}'
+    )
     assert open_error(source) == expected
     assert cli_error(simulator(), tmp_path, source) == expected
     assert cli_error(simulator(), tmp_path, source, "validate") == expected
@@ -226,6 +231,7 @@ def test_a_quoted_semicolon_export_says_which_separator_to_pass(tmp_path):
     source = write(tmp_path / "data.csv", '"id";"prompt"\r\n"1";"hello"\r\n')
     assert open_error(source) == (
         f'input {source} looks separated by ";" (its header is \'"id";"prompt"\'): pass --separator \';\''
+        f"{ALONE}"
     )
 
 
@@ -233,6 +239,7 @@ def test_a_tab_separated_file_says_how_to_type_a_tab(simulator, tmp_path):
     source = write(tmp_path / "data.csv", "id\tprompt\n1\thello\n")
     expected = (
         f"input {source} looks separated by tabs (its header is \"id\\tprompt\"): pass --separator '\\t'"
+        f"{ALONE}"
     )
     assert open_error(source) == expected
     assert cli_error(simulator(), tmp_path, source) == expected
@@ -327,3 +334,12 @@ def test_separator_on_the_command_line_and_in_a_job_file(simulator, tmp_path):
     pl.DataFrame({"prompt": ["x"]}).write_parquet(parquet)
     refused = invoke(["run", str(parquet), "-o", str(tmp_path / "p-out.csv"), "--separator", ";"], sim)
     assert refused.exit_code == 2 and "--separator is for CSV input" in refused.stderr
+
+
+def test_a_one_column_file_whose_name_holds_a_semicolon_reads_with_an_explicit_comma(tmp_path):
+    path = tmp_path / "one.csv"
+    path.write_text("prompt (en; short)\nhello\n")
+    with pytest.raises(UsageError, match=r"or --separator ',' if it is one column whose name holds it"):
+        open_source(path)
+    source = open_source(path, separator=",")
+    assert source.columns == ["prompt (en; short)"] and source.total == 1

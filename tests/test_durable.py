@@ -246,7 +246,7 @@ def test_another_request_set_never_silently_replaces_an_output(simulator, tmp_pa
     assert other.exit_code == 0, other.stderr
     kept = list(tmp_path.glob("out.replaced-*.csv"))
     assert len(kept) == 1 and kept[0].read_text() == first
-    assert "held the answers of another request set (rows 12, model qwen-plus)" in other.stderr
+    assert "held the answers of another request set (model qwen-plus, rows 12)" in other.stderr
     assert pl.read_csv(out).height == 5
 
     kept_table = pl.read_csv(kept[0])
@@ -415,3 +415,50 @@ def test_leftovers_of_a_killed_run_are_cleaned_up(simulator, tmp_path):
     (tmp_path / ".o.parquet.def.parts").mkdir()
     assert invoke(["run", str(source), "-o", "o.parquet"], sim).exit_code == 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_limited_trial_then_the_full_run_keeps_no_copy(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", [f"question {i}" for i in range(12)])
+    out = tmp_path / "out.csv"
+    args = ["run", str(source), "-o", str(out), "--rpm", "60000"]
+    assert invoke([*args, "--limit", "4"], sim).exit_code == 0
+    full = invoke(args, sim)  # the trial's rows are a prefix of these: nothing to keep aside
+    assert full.exit_code == 0 and "resumed: 4 done, 8 to go\n" in full.stderr
+    assert not list(tmp_path.glob("out.replaced-*")) and pl.read_csv(out).height == 12
+
+
+def test_tables_that_may_hold_the_only_copy_of_an_answer_stay(simulator, tmp_path):
+    sim = simulator()
+    source = write_prompts(tmp_path / "in.csv", ["a", "b"])
+    out = tmp_path / "out.csv"
+    args = ["run", str(source), "-o", str(out), "--rpm", "60000"]
+    old = tmp_path / "out.partial-20250101T000000Z.csv"  # from before outputs recorded their set
+    old.write_text("prompt,reply,model\na,an answer paid for once,qwen-plus\n")
+    (tmp_path / f"{old.name}.meta.json").write_text('{"model": "qwen-plus"}')
+    assert invoke(args, sim).exit_code == 0
+    assert old.exists()
+
+    # --fresh forgets the journal: a stopped run's partial table of the same set may then hold
+    # the last copy of its answers.
+    partial = tmp_path / "out.partial-20250102T000000Z.csv"
+    partial.write_text(out.read_text())
+    (tmp_path / f"{partial.name}.meta.json").write_text((tmp_path / "out.csv.meta.json").read_text())
+    assert invoke([*args, "--fresh"], sim).exit_code == 0
+    assert partial.exists()
+    assert invoke(args, sim).exit_code == 0  # the journal has them again: now it goes
+    assert not partial.exists() and old.exists()
+
+
+def test_signals_during_the_output_swap_wait_for_it():
+    import threading
+
+    from batchgen.commands import _signals_deferred
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt), _signals_deferred():
+        # From another thread, as the kernel may pick any of polars' or aiohttp's threads.
+        threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT)).start()
+        time.sleep(0.1)
+        finished.append(True)
+    assert finished == [True]

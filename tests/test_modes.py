@@ -497,6 +497,8 @@ def test_local_images_are_sent_with_the_type_their_bytes_show(tmp_path):
     assert sniff(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "image/webp"
     assert sniff(b"\x00\x00\x00\x18ftypheic\x00\x00") == "image/heic"
     assert sniff(b"hello, world") is None and sniff(b"") is None
+    assert sniff(b"BMW service notes, not a bitmap") is None
+    assert sniff(b"BM" + bytes(12) + (40).to_bytes(4, "little")) == "image/bmp"
     (tmp_path / "notes.png").write_text("not a picture")
     with pytest.raises(ValueError, match="first bytes"):
         data_uri((tmp_path / "notes.png").as_uri())

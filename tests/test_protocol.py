@@ -211,6 +211,13 @@ def test_retry_after_header_is_kept():
             Disposition.FATAL,
             id="openai-credit",
         ),
+        pytest.param(
+            429,
+            "rate_limit_exceeded",
+            "Rate limit reached for requests. Visit https://platform.openai.com/account/rate-limits",
+            Disposition.RETRY,
+            id="openai-rate-limit",
+        ),
     ],
 )
 def test_classify(status, code, message, expected):
