@@ -864,7 +864,7 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
     seconds = n * 60 / o["rpm"]
     lines.append(
         f"time: at least {duration(seconds)} at --rpm {o['rpm']:g} "
-        f"({n:,} requests, {o['concurrency']} at a time)"
+        f"({n:,} requests, {min(config.concurrency, max(n, 1)):,} at a time)"
     )
     print("\n".join(lines))
     return 0
