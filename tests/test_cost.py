@@ -225,7 +225,7 @@ def test_dry_run_counts_and_estimates_and_sends_nothing(simulator, tmp_path):
         "estimated cost: $0.0002 (range $0.0000 with empty replies to $0.2630 "
         "with every reply at 32,868 tokens, thinking)"
     )
-    assert lines[-1] == "time: at least 2s at --rpm 60 (2 requests, 16 at a time)"
+    assert lines[-1] == "time: at least 2s at --rpm 60 (2 requests, 2 at a time)"
     assert sim.stats.requests == 0
     assert list(tmp_path.iterdir()) == [source]  # no output, journal, lock or summary
 
