@@ -381,7 +381,7 @@ async def _run_with_signals(
             prepared.spec,
             write=writer.write,
             id_column=o["id_column"],
-            endpoint="simulator" if o["simulate"] else config.base_url,
+            endpoint=_endpoint_name(o),
             journal=journal,
             retry_errors=o["retry_errors"],
             control=control,
@@ -792,7 +792,7 @@ def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
     config = _check_config(prepared)
     route = "OpenAI-compatible API" if config.api == "openai" else f"{config.effective_route} route"
     previous = {} if o["fresh"] else _journal_read_only(journal_path(o["output_path"]))
-    endpoint = "simulator" if o["simulate"] else _base_url(o).rstrip("/")
+    endpoint = _endpoint_name(o)
     counts: list[int] = []
     empty = resumed = offset = images = 0
     for frame, raw in prepared.source.batches():

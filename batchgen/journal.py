@@ -67,6 +67,11 @@ def journal_path(output: str | os.PathLike[str]) -> Path:
     return output.with_name(output.name + ".journal")
 
 
+def lock_path(journal: Path) -> Path:
+    """The lock file beside a journal (``OUTPUT.journal.lock``)."""
+    return journal.with_name(journal.name + ".lock")
+
+
 def request_hash(body: Mapping[str, Any], endpoint: str = "") -> str:
     """A stable digest of what a request asks for, and of whom; any change means a new request."""
     canonical = json.dumps(
@@ -132,7 +137,7 @@ def _locked(fd: int, output: str | os.PathLike[str]) -> LockedError:
 
 def check_unlocked(output: str | os.PathLike[str]) -> None:
     """Raise ``LockedError`` when a run holds ``output``'s lock; create and take nothing."""
-    lock_file = journal_path(output).with_name(journal_path(output).name + ".lock")
+    lock_file = lock_path(journal_path(output))
     try:
         fd = os.open(lock_file, os.O_RDONLY)
     except OSError:
@@ -172,7 +177,7 @@ class Journal:
     def lock(self, output: str | os.PathLike[str]) -> None:
         """Take the output's lock or fail at once: overlapping cron runs must not interleave."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_file = self.path.with_name(self.path.name + ".lock")
+        lock_file = lock_path(self.path)
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -222,7 +227,7 @@ class Journal:
             return
         self.discard()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path.with_name(self.path.name + ".lock"))
+            os.unlink(lock_path(self.path))
 
     def close_db(self) -> None:
         if self._db is not None:
