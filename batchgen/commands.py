@@ -46,11 +46,14 @@ from batchgen.errors import BatchgenError, UsageError
 from batchgen.journal import Answers, Entry, Journal, LockedError, check_unlocked, journal_path
 from batchgen.jsonmode import load_schema, mentions_json, response_format
 from batchgen.logs import event
+from batchgen.planning import plan_resume
+from batchgen.pool import RunControl
 from batchgen.pricing import PriceTable, load_prices, region_of
 from batchgen.progress import JsonProgress, Progress, duration, summary_line
 from batchgen.prompts import PromptSpec, RowProblem, build_messages, check_columns
 from batchgen.protocol import COMPATIBLE_PREFIX, NATIVE_PREFIX, route_for_model
-from batchgen.runner import RunControl, RunResult, arun_batches, check_collisions, exit_code, plan_resume
+from batchgen.results import RunResult, check_collisions, exit_code
+from batchgen.runner import arun_batches
 from batchgen.tables import (
     Source,
     TableWriter,
@@ -785,7 +788,7 @@ def cost_command(*, files: list[str], by: str, fmt: str, prices_path: str | None
 
 def _dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
     """``run --dry-run``: what the run would send, cost and take; nothing is sent or written."""
-    from batchgen.runner import messages_of, plan_rows
+    from batchgen.planning import messages_of, plan_rows
 
     o = prepared.options
     model = o["model"]

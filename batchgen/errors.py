@@ -1,4 +1,4 @@
-"""Errors batchgen raises, each carrying the exit code the CLI reports.
+"""Errors batchgen raises, each carrying the exit code the CLI reports, and those codes.
 
     BatchgenError             base class; ``exit_code`` and a one-line message a user can act on
     ├── UsageError            exit 2: bad options, unreadable or invalid input, no API key
@@ -12,33 +12,39 @@ exceptions at the library boundary: they are written into that row's ``status`` 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import enum
+from typing import Any
 
-if TYPE_CHECKING:
-    from batchgen.runner import RunResult
 
-EXIT_OK = 0
-EXIT_ABORTED = 1
-EXIT_USAGE = 2
-EXIT_ROW_ERRORS = 3
+class ExitCode(enum.IntEnum):
+    """Every exit code ``batchgen`` documents (README, "Exit codes"), in one place."""
+
+    OK = 0  # every row ok
+    ABORTED = 1  # stopped on a fatal answer, or could not write the output
+    USAGE = 2  # bad options or input: nothing sent
+    ROW_ERRORS = 3  # finished, some rows are errors or skipped
+    LOCKED = 4  # another run holds the output
+    BUDGET = 5  # stopped by --max-cost
+    SIGINT = 130  # stopped by Ctrl-C
+    SIGTERM = 143  # stopped by SIGTERM
 
 
 class BatchgenError(Exception):
     """Base class: ``str(err)`` is the whole one-line message."""
 
-    exit_code = EXIT_ABORTED
+    exit_code: int = ExitCode.ABORTED
 
 
 class UsageError(BatchgenError):
     """The command, its options or its input cannot work; nothing was sent."""
 
-    exit_code = EXIT_USAGE
+    exit_code = ExitCode.USAGE
 
 
 class FatalAPIError(BatchgenError):
     """DashScope refused in a way no other row can succeed after (bad key, arrears, ...)."""
 
-    exit_code = EXIT_ABORTED
+    exit_code = ExitCode.ABORTED
 
     def __init__(
         self,
@@ -46,7 +52,7 @@ class FatalAPIError(BatchgenError):
         *,
         code: str | None = None,
         http_status: int | None = None,
-        result: RunResult | Any = None,
+        result: Any = None,  # the run's RunResult (batchgen.results), set when it stops
     ) -> None:
         super().__init__(message)
         self.code = code

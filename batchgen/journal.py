@@ -28,9 +28,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from batchgen.errors import BatchgenError, UsageError
+from batchgen.errors import BatchgenError, ExitCode, UsageError
 
-EXIT_LOCKED = 4
 SCHEMA_VERSION = "2"
 
 # One row per (row key, request): every answer paid for is kept, so a run that switches the
@@ -59,7 +58,7 @@ UPDATE meta SET value = '2' WHERE key = 'schema';
 class LockedError(BatchgenError):
     """Another batchgen run is writing the same output."""
 
-    exit_code = EXIT_LOCKED
+    exit_code = ExitCode.LOCKED
 
 
 def journal_path(output: str | os.PathLike[str]) -> Path:

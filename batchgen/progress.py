@@ -8,7 +8,7 @@ import sys
 from typing import TextIO
 
 from batchgen.logs import LOGGER, event
-from batchgen.runner import RunStats
+from batchgen.results import RunStats
 
 BAR_WIDTH = 24
 

@@ -20,8 +20,9 @@ import polars as pl
 
 from batchgen.config import RunConfig
 from batchgen.journal import Journal, journal_path
+from batchgen.planning import plan_resume, plan_rows
 from batchgen.prompts import PromptSpec
-from batchgen.runner import RowResult, plan_resume, plan_rows
+from batchgen.results import RowResult
 from batchgen.tables import open_source
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -72,3 +73,20 @@ def write_prompts(path: Path, prompts: list[str | None], **extra: list) -> Path:
     else:
         frame.write_ndjson(path)
     return path
+
+
+class FakeTime:
+    """A clock and a sleep for ``arun(..., clock=t.clock, sleep=t.sleep)``: pacing and backoff
+    happen in fake time (each sleep moves the clock at once), only HTTP takes real time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += max(0.0, seconds)
+        await asyncio.sleep(0)

@@ -10,7 +10,7 @@ import click
 import pytest
 
 from batchgen.cli import cli
-from batchgen.runner import OUTPUT_COLUMNS
+from batchgen.results import OUTPUT_COLUMNS
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()

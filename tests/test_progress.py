@@ -6,7 +6,7 @@ import asyncio
 import io
 
 from batchgen.progress import Progress, status_line, summary_line
-from batchgen.runner import RowResult, RunStats
+from batchgen.results import RowResult, RunStats
 
 
 def stats_with(ok: int, error: int, total: int) -> RunStats:

@@ -6,7 +6,7 @@ import asyncio
 
 import polars as pl
 import pytest
-from conftest import KEY
+from conftest import KEY, FakeTime
 
 from batchgen.client import BACKOFF_MAX, backoff_seconds
 from batchgen.config import RunConfig
@@ -39,20 +39,16 @@ def test_retry_after_is_honoured_when_longer():
 
 def test_pool_retries_with_the_schedule_and_stops_at_max_attempts(simulator):
     sim = simulator()
-    slept: list[float] = []
-
-    async def fake_sleep(seconds: float) -> None:
-        slept.append(seconds)
-
+    fake = FakeTime()
     frame = pl.DataFrame({"prompt": ["[sim:InternalError] always fails"]})
     config = RunConfig(api_key=KEY, base_url=sim.base_url, rpm=60000, max_attempts=5)
-    result = asyncio.run(arun(frame, config, sleep=fake_sleep))
+    result = asyncio.run(arun(frame, config, sleep=fake.sleep, clock=fake.clock))
 
     row = result.frame.row(0, named=True)
     assert (row["status"], row["attempts"], row["error_code"]) == ("error", 5, "InternalError")
     assert sim.stats.requests == 5
-    assert len(slept) == 4
-    for attempt, seconds in enumerate(slept, start=1):
+    assert len(fake.slept) == 4  # the backoffs; pacing at 60,000 rpm never had to wait
+    for attempt, seconds in enumerate(fake.slept, start=1):
         base = 0.5 * 2 ** (attempt - 1)
         assert 0.75 * base <= seconds <= 1.25 * base
 

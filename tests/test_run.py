@@ -10,7 +10,7 @@ import pytest
 from conftest import KEY, invoke, write_prompts
 
 import batchgen
-from batchgen.runner import OUTPUT_COLUMNS, OUTPUT_SCHEMA
+from batchgen.results import OUTPUT_COLUMNS, OUTPUT_SCHEMA
 from batchgen.simulator import simulated_reply
 
 PROMPTS = [f"Question {i}: what is {i} squared, and why?" for i in range(60)]

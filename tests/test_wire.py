@@ -18,6 +18,7 @@ from batchgen.client import _too_large
 from batchgen.config import RunConfig, compatible_url, resolve_base_url
 from batchgen.images import attach, cell_refs, has_local, materialize, resolve, row_images
 from batchgen.jsonmode import mentions_json, reply_checker, response_format
+from batchgen.planning import request_body
 from batchgen.prompts import RowProblem
 from batchgen.protocol import (
     APIError,
@@ -29,7 +30,6 @@ from batchgen.protocol import (
     needs_stream,
 )
 from batchgen.ratelimit import REQUESTS, TOKENS, throttle_kind
-from batchgen.runner import request_body
 from batchgen.sse import SSEDecoder
 
 # The frame quoted in the protocol notes, byte for byte (its request_id shortened there too).
@@ -597,8 +597,8 @@ def test_a_row_whose_image_files_are_over_the_limit_is_refused_when_planned(tmp_
 
 
 def test_the_journal_hash_of_local_images_survives_moving_the_project(tmp_path):
+    from batchgen.planning import row_digest
     from batchgen.prompts import PromptSpec
-    from batchgen.runner import row_digest
 
     digests = []
     for folder in ("one", "two"):
@@ -635,10 +635,10 @@ def test_a_messages_column_file_of_another_type_is_that_rows_error(tmp_path):
 
 def test_an_image_unreadable_at_send_time_is_not_a_final_error():
     from batchgen.client import CallOutcome
-    from batchgen.runner import _result_of
+    from batchgen.results import result_of
 
     gone = APIError(None, "batchgen.ImageNotFound", "gone", None, Disposition.ROW_ERROR)
-    result, final = _result_of(CallOutcome(None, gone, 0, None, None), "m")
+    result, final = result_of(CallOutcome(None, gone, 0, None, None), "m")
     assert result.status == "error" and final is False
 
 
