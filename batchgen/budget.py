@@ -17,8 +17,8 @@ from decimal import Decimal
 from functools import cache
 from typing import Any
 
+from batchgen.api.models import thinks
 from batchgen.pricing import ModelPrice, PriceTable
-from batchgen.protocol import _OPEN_QWEN3
 
 INPUT_MARGIN = 1.10  # the tokenizer's count against the server's: templates, special tokens
 MESSAGE_OVERHEAD = 5  # <|im_start|>role\n ... <|im_end|>\n around every message
@@ -70,15 +70,6 @@ def count_images(messages: Sequence[Mapping[str, Any]]) -> int:
         for p in m["content"]
         if isinstance(p, dict) and ("image" in p or "image_url" in p)
     )
-
-
-def thinks(model: str, parameters: Mapping[str, Any]) -> bool | None:
-    """True/False when the request's mode is known, None when the model decides (hybrid default)."""
-    if parameters.get("enable_thinking") is not None:
-        return bool(parameters["enable_thinking"])
-    if model.startswith(("qwq", "qvq")) or "thinking" in model or _OPEN_QWEN3.match(model):
-        return True  # open-source Qwen3 thinks unless told not to
-    return None
 
 
 def row_cost(price: ModelPrice | None, result: Any, cached_ratio: Decimal) -> Decimal | None:
@@ -161,3 +152,13 @@ class Budget:
             self.reserved -= worst
             self.spent += actual or Decimal(0)
             self._settled.notify_all()
+
+
+__all__ = [  # thinks: imported from here by the command layer until it moves to api.models
+    "Budget",
+    "count_images",
+    "count_input_tokens",
+    "row_cost",
+    "thinks",
+    "worst_output_tokens",
+]

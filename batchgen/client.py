@@ -18,17 +18,12 @@ import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.stop import stop_base
 
-from batchgen import __version__, compat, protocol
+from batchgen import __version__
+from batchgen.api.dialect import DIALECTS
+from batchgen.api.native import too_large
+from batchgen.api.stream import StreamAssembler
+from batchgen.api.types import APIError, Disposition, Reply
 from batchgen.config import RunConfig
-from batchgen.protocol import (
-    MAX_BODY,
-    MAX_BODY_BASE64,
-    TOO_LARGE,
-    APIError,
-    Disposition,
-    Reply,
-    StreamAssembler,
-)
 from batchgen.ratelimit import Governor, throttle_kind
 from batchgen.sse import SSEDecoder
 
@@ -135,41 +130,6 @@ def _env_proxy(url: str) -> httpx.Proxy | None:
     return httpx.Proxy(proxy) if proxy else None
 
 
-@dataclass(frozen=True, slots=True)
-class Dialect:
-    """What differs between the native API and the OpenAI-compatible one, for the Caller."""
-
-    interpret: Callable[[int, Any, bytes], Reply | APIError]
-    stream: Callable[[str | None], Any]  # a StreamAssembler with add(event) -> APIError | None
-    streamed_body: Callable[[dict[str, Any]], dict[str, Any]]
-
-
-DIALECTS = {
-    "dashscope": Dialect(protocol.interpret, protocol.NativeStream, protocol.streamed_body),
-    "openai": Dialect(compat.interpret, compat.OpenAIStream, compat.streamed_body),
-}
-
-
-def _too_large(content: bytes) -> APIError | None:
-    """A body the gateway would refuse with 413: a row error before sending, not after."""
-    limit, what = (
-        (MAX_BODY_BASE64, "with base64 images")
-        if b";base64," in content
-        else (MAX_BODY, "without base64 data")
-    )
-    if len(content) <= limit:
-        return None
-    return APIError(
-        None,
-        TOO_LARGE,
-        f"the request is {len(content) / 2**20:.1f} MiB, over DashScope's "
-        f"{limit // 2**20} MiB limit for a body {what}: send fewer or smaller images "
-        "(or image URLs), or a shorter prompt",
-        None,
-        Disposition.ROW_ERROR,
-    )
-
-
 class Caller:
     """Sends request bodies with pacing and retries; one per run.
 
@@ -199,9 +159,7 @@ class Caller:
             "User-Agent": f"batchgen/{__version__}",
         }
         if self.stream:
-            headers["Accept"] = "text/event-stream"
-            if config.api == "dashscope":
-                headers["X-DashScope-SSE"] = "enable"
+            headers.update(self.dialect.stream_headers)
         if config.workspace:
             headers["X-DashScope-WorkSpace"] = config.workspace
         self.headers = httpx.Headers(headers)
@@ -277,7 +235,7 @@ class Caller:
         goes to ``streams`` so that what a broken stream was billed is known whatever ends it.
         """
         headers = response.headers if response is not None else httpx.Headers()
-        assembler: StreamAssembler = self.dialect.stream(headers.get("x-request-id"))
+        assembler = self.dialect.stream(headers.get("x-request-id"))
         streams.append(assembler)
         decoder = SSEDecoder()
         loop = asyncio.get_running_loop()
@@ -286,7 +244,7 @@ class Caller:
             for event in events:
                 if status != 200 and event.status is None:
                     event = replace(event, status=status)
-                error = assembler.add(event)  # type: ignore[attr-defined]
+                error = assembler.add(event)
                 if error is not None:
                     return error
             return None
@@ -398,7 +356,7 @@ class Caller:
         if self.stream:
             body = self.dialect.streamed_body(body)
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        refused = _too_large(content) if self.config.dashscope else None
+        refused = too_large(content) if self.config.dashscope else None
         if refused is not None:
             return CallOutcome(None, refused, 0, None, None)
         tries = _Tries(tokens)

@@ -17,8 +17,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from batchgen.api.native import MAX_BODY_BASE64, TOO_LARGE
 from batchgen.prompts import RowProblem
-from batchgen.protocol import MAX_BODY_BASE64, TOO_LARGE
 
 IMAGE_NOT_FOUND = "batchgen.ImageNotFound"
 BAD_IMAGE = "batchgen.InvalidImage"

@@ -13,13 +13,12 @@ from typing import Any
 
 import polars as pl
 
-from batchgen import compat
+from batchgen.api.dialect import DIALECTS
 from batchgen.config import RunConfig
 from batchgen.images import portable
 from batchgen.journal import CHANGED, RETRY, Answers, Entry, request_hash, reuse, row_keys
 from batchgen.jsonmode import json_word_problem, mentions_json
 from batchgen.prompts import PromptSpec, RowProblem, build_messages
-from batchgen.protocol import build_body
 
 Batch = tuple[pl.DataFrame, "list[Any] | None"]  # rows, and their messages cells as written
 
@@ -51,9 +50,7 @@ def request_body(config: RunConfig, messages: list[dict[str, Any]]) -> dict[str,
         and not mentions_json(messages)
     ):
         return json_word_problem()
-    if config.api == "openai":
-        return compat.build_body(config.model, messages, config.parameters)
-    return build_body(config.model, messages, config.parameters, config.effective_route)
+    return DIALECTS[config.api].body(config.model, messages, config.parameters, config.effective_route)
 
 
 @dataclass(slots=True)

@@ -19,7 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from batchgen.budget import IMAGE_TOKENS_TYPICAL, Budget, count_input_tokens, row_cost, thinks
+from batchgen.api.faults import fatal_hint
+from batchgen.api.models import thinks
+from batchgen.api.types import APIError, Disposition
+from batchgen.budget import IMAGE_TOKENS_TYPICAL, Budget, count_input_tokens, row_cost
 from batchgen.client import Caller, CallOutcome, make_transport
 from batchgen.config import MAX_CONCURRENCY, RunConfig
 from batchgen.errors import FatalAPIError
@@ -29,7 +32,6 @@ from batchgen.jsonmode import reply_checker
 from batchgen.planning import Batch, PlannedRow, messages_of, plan_rows
 from batchgen.pricing import PriceTable
 from batchgen.prompts import PromptSpec
-from batchgen.protocol import APIError, Disposition, fatal_hint
 from batchgen.ratelimit import Governor
 from batchgen.results import (
     ERROR,

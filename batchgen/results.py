@@ -15,11 +15,11 @@ from decimal import Decimal
 
 import polars as pl
 
+from batchgen.api.types import Disposition
 from batchgen.client import CallOutcome
 from batchgen.errors import ExitCode, FatalAPIError, UsageError
 from batchgen.images import IMAGE_NOT_FOUND
 from batchgen.journal import Entry
-from batchgen.protocol import Disposition
 from batchgen.ratelimit import Governor
 
 OUTPUT_SCHEMA: dict[str, pl.DataType] = {

@@ -8,17 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from batchgen.protocol import (
-    APIError,
-    Disposition,
-    Reply,
-    build_body,
-    classify,
-    fatal_hint,
-    interpret,
-    parse_reply,
-    route_for_model,
-)
+from batchgen.api.faults import classify, fatal_hint
+from batchgen.api.models import route_for_model
+from batchgen.api.native import build_body, interpret, parse_reply
+from batchgen.api.types import APIError, Disposition, Reply
 
 RECORDED_SUCCESS = b"""{"output": {"choices": [{"finish_reason": "stop",
                          "message": {"role": "assistant", "content": "\xe2\x80\xa6",

@@ -13,22 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from batchgen import compat
-from batchgen.client import _too_large
+from batchgen.api import openai as compat
+from batchgen.api.faults import classify
+from batchgen.api.models import needs_stream
+from batchgen.api.native import NativeStream, build_body, too_large
+from batchgen.api.types import APIError, Disposition, Reply
 from batchgen.config import RunConfig, compatible_url, resolve_base_url
 from batchgen.images import attach, cell_refs, has_local, materialize, resolve, row_images
 from batchgen.jsonmode import mentions_json, reply_checker, response_format
 from batchgen.planning import request_body
 from batchgen.prompts import RowProblem
-from batchgen.protocol import (
-    APIError,
-    Disposition,
-    NativeStream,
-    Reply,
-    build_body,
-    classify,
-    needs_stream,
-)
 from batchgen.ratelimit import REQUESTS, TOKENS, throttle_kind
 from batchgen.sse import SSEDecoder
 
@@ -200,7 +194,8 @@ def test_a_stream_event_that_is_not_json_is_retried():
     ],
 )
 def test_refusals_of_unstreamed_calls_stop_the_run_with_the_fix(message):
-    from batchgen.protocol import fatal_hint, interpret
+    from batchgen.api.faults import fatal_hint
+    from batchgen.api.native import interpret
 
     native = interpret(400, {}, json.dumps({"code": "InvalidParameter", "message": message}).encode())
     openai = compat.interpret(
@@ -676,12 +671,12 @@ def test_images_go_before_the_text_of_the_last_user_message_and_are_read_at_send
 
 
 def test_bodies_over_the_gateway_limit_are_refused_before_sending():
-    assert _too_large(b"x" * (16 * 2**20)) is None
-    refused = _too_large(b"x" * (16 * 2**20 + 1))
+    assert too_large(b"x" * (16 * 2**20)) is None
+    refused = too_large(b"x" * (16 * 2**20 + 1))
     assert refused is not None and refused.disposition is Disposition.ROW_ERROR
     assert refused.code == "batchgen.TooLarge"
-    assert _too_large(b";base64," + b"x" * (40 * 2**20)) is None
-    assert _too_large(b";base64," + b"x" * (64 * 2**20)) is not None
+    assert too_large(b";base64," + b"x" * (40 * 2**20)) is None
+    assert too_large(b";base64," + b"x" * (64 * 2**20)) is not None
 
 
 # --- JSON mode ---------------------------------------------------------------------------
@@ -918,7 +913,7 @@ def test_file_images_in_a_messages_column_resolve_from_the_table(tmp_path):
 def test_a_native_error_frame_on_a_compatible_mode_stream_is_that_error():
     # Recorded from the service (realbodies OS4): DashScope's gateway sends its native error
     # frame on compatible-mode streams too; it is a 429 throttle, not a cut stream.
-    from batchgen.compat import OpenAIStream
+    from batchgen.api.openai import OpenAIStream
     from batchgen.sse import SSEDecoder
 
     raw = (

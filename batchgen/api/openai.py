@@ -12,19 +12,11 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from batchgen.protocol import (
-    APIError,
-    Disposition,
-    Reply,
-    StreamAssembler,
-    _dict,
-    _int_or_none,
-    _retry_after,
-    _stream_error,
-    _text_of,
-    classify,
-    load_body,
-)
+from batchgen.api.faults import classify, load_body
+from batchgen.api.stream import StreamAssembler, stream_error
+from batchgen.api.types import APIError, Disposition, Reply, as_dict, int_or_none, retry_after, text_of
+
+CHAT_PATH = "/chat/completions"  # under an OpenAI-compatible base URL
 
 # Native-only parameters that have no meaning here.
 _NATIVE_ONLY = frozenset({"result_format", "incremental_output"})
@@ -66,22 +58,22 @@ def _reasoning(message: Mapping[str, Any]) -> str | None:
     value = message.get("reasoning_content")
     if value is None:
         value = message.get("reasoning")
-    return _text_of(value)
+    return text_of(value)
 
 
 def _usage(usage: Mapping[str, Any]) -> dict[str, int | None]:
-    prompt = _int_or_none(usage.get("prompt_tokens"))
-    completion = _int_or_none(usage.get("completion_tokens"))
-    total = _int_or_none(usage.get("total_tokens"))
+    prompt = int_or_none(usage.get("prompt_tokens"))
+    completion = int_or_none(usage.get("completion_tokens"))
+    total = int_or_none(usage.get("total_tokens"))
     if total is None and prompt is not None and completion is not None:
         total = prompt + completion
     return {
         "input_tokens": prompt,
         "output_tokens": completion,
         "total_tokens": total,
-        "cached_tokens": _int_or_none(_dict(usage.get("prompt_tokens_details")).get("cached_tokens")),
-        "reasoning_tokens": _int_or_none(
-            _dict(usage.get("completion_tokens_details")).get("reasoning_tokens")
+        "cached_tokens": int_or_none(as_dict(usage.get("prompt_tokens_details")).get("cached_tokens")),
+        "reasoning_tokens": int_or_none(
+            as_dict(usage.get("completion_tokens_details")).get("reasoning_tokens")
         ),
     }
 
@@ -97,15 +89,15 @@ def _request_id(body: Mapping[str, Any], header_id: str | None) -> str | None:
 def parse_reply(body: Mapping[str, Any], request_id: str | None = None) -> Reply:
     """Flatten a ``chat.completion`` body; every part of it may be missing."""
     choices = body.get("choices")
-    choice = _dict(choices[0]) if isinstance(choices, list) and choices else {}
-    message = _dict(choice.get("message"))
+    choice = as_dict(choices[0]) if isinstance(choices, list) and choices else {}
+    message = as_dict(choice.get("message"))
     finish = choice.get("finish_reason")
     return Reply(
-        content=_text_of(message.get("content")),
+        content=text_of(message.get("content")),
         reasoning=_reasoning(message),
         finish_reason=finish if isinstance(finish, str) else None,
         request_id=_request_id(body, request_id),
-        **_usage(_dict(body.get("usage"))),
+        **_usage(as_dict(body.get("usage"))),
     )
 
 
@@ -134,7 +126,7 @@ def _error_of(
         message,
         request_id if isinstance(request_id, str) else None,
         classify(status, code, message),
-        _retry_after(headers),
+        retry_after(headers),
     )
 
 
@@ -153,7 +145,7 @@ def interpret(http_status: int, headers: Mapping[str, str], raw: bytes) -> Reply
             f"HTTP 200 without choices: {raw[:120].decode('utf-8', 'replace')}",
             _request_id(body, header_id),
             Disposition.RETRY,
-            _retry_after(headers),
+            retry_after(headers),
         )
     return _error_of(http_status, body, header_id, headers)
 
@@ -175,23 +167,23 @@ class OpenAIStream(StreamAssembler):
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            return _stream_error(event.status or 200, event.data, self.request_id)
+            return stream_error(event.status or 200, event.data, self.request_id)
         if body.get("error") or event.event == "error" or (body.get("code") and "choices" not in body):
             # OpenAI's envelope, or a DashScope gateway's native error frame (event:error with
             # the real status in :HTTP_STATUS/, seen on compatible-mode streams too).
             return _error_of(event.status or 200, body, self.request_id, {})
         choices = body.get("choices")
-        choice = _dict(choices[0]) if isinstance(choices, list) and choices else {}
-        delta = _dict(choice.get("delta"))
+        choice = as_dict(choices[0]) if isinstance(choices, list) and choices else {}
+        delta = as_dict(choice.get("delta"))
         finish = choice.get("finish_reason")
         usage = body.get("usage")
         self.merge(
             Reply(
-                content=_text_of(delta.get("content")),
+                content=text_of(delta.get("content")),
                 reasoning=_reasoning(delta),
                 finish_reason=finish if isinstance(finish, str) else None,
                 request_id=_request_id(body, None),
-                **_usage(_dict(usage)),
+                **_usage(as_dict(usage)),
             )
         )
         return None
