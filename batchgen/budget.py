@@ -18,7 +18,7 @@ from functools import cache
 from typing import Any
 
 from batchgen.api.models import thinks
-from batchgen.pricing import ModelPrice, PriceTable
+from batchgen.pricing import ModelPrice, PriceTable, billed_thinking
 
 INPUT_MARGIN = 1.10  # the tokenizer's count against the server's: templates, special tokens
 MESSAGE_OVERHEAD = 5  # <|im_start|>role\n ... <|im_end|>\n around every message
@@ -82,7 +82,7 @@ def row_cost(price: ModelPrice | None, result: Any, cached_ratio: Decimal) -> De
         input_tokens=result.input_tokens or 0,
         output_tokens=result.output_tokens or 0,
         cached_tokens=result.cached_tokens or 0,
-        thinking=bool(result.reasoning_tokens or result.reasoning),
+        thinking=billed_thinking(result.reasoning_tokens, result.reasoning),
         cached_ratio=cached_ratio,
     )
 

@@ -18,7 +18,7 @@ from typing import Any
 import polars as pl
 
 from batchgen.errors import UsageError
-from batchgen.pricing import PriceTable
+from batchgen.pricing import PriceTable, charge, thinking_billed_expr
 from batchgen.tables import read_metadata, read_table
 
 GROUPS = ("model", "day", "status", "finish_reason", "job")
@@ -114,19 +114,7 @@ def _load(path: Path) -> pl.DataFrame:
             .alias(c)
             for c in TOKEN_COLUMNS
         ],
-        # A row is thinking if it spent reasoning tokens or carries reasoning text.
-        (
-            (
-                pl.col("reasoning_tokens").cast(pl.Int64, strict=False).fill_null(0) > 0
-                if "reasoning_tokens" in frame.columns
-                else pl.lit(False)
-            )
-            | (
-                pl.col("reasoning").cast(pl.String).fill_null("").str.len_chars() > 0
-                if "reasoning" in frame.columns
-                else pl.lit(False)
-            )
-        ).alias("thinking"),
+        thinking_billed_expr(frame.columns).alias("thinking"),
         (
             pl.col("finished_at").cast(pl.String).str.slice(0, 10)
             if "finished_at" in frame.columns
@@ -206,16 +194,14 @@ def build_report(paths: list[str], prices: PriceTable, by: tuple[str, ...]) -> R
                 entry["rows"] += row["billed_rows"]
                 entry["tokens"] += row["input_tokens"] + row["output_tokens"]
             continue
-        tier = price.tiers[row["tier"]]
-        cached = row["cached_tokens"]
-        out_price = (
-            tier.output_thinking if row["thinking"] and tier.output_thinking is not None else tier.output
+        cost = charge(
+            price.tiers[row["tier"]],
+            input_tokens=row["input_tokens"],
+            output_tokens=row["output_tokens"],
+            cached_tokens=row["cached_tokens"],
+            thinking=row["thinking"],
+            cached_ratio=prices.cached_ratio,
         )
-        cost = (
-            (row["input_tokens"] - cached) * tier.input
-            + cached * tier.input * prices.cached_ratio
-            + row["output_tokens"] * out_price
-        ) / Decimal(1_000_000)
         line.cost += cost
         total.cost += cost
     ordered = sorted(lines.values(), key=lambda ln: tuple((v is None, str(v)) for v in ln.key.values()))
@@ -242,44 +228,58 @@ def _cells(line: Line, by: tuple[str, ...], label: str | None = None) -> list[st
 
 
 def render(report: Report, fmt: str) -> str:
-    by = report.by
+    """The report as ``table``, ``markdown``, ``csv`` or ``json`` text."""
     if fmt == "json":
-        return json.dumps(
-            {
-                "prices": {
-                    "version": report.prices.version,
-                    "as_of": report.prices.as_of,
-                    "region": report.prices.region,
-                    "overrides": report.prices.overrides,
-                },
-                "by": list(by),
-                "groups": [line.as_dict() for line in report.lines],
-                "total": {k: v for k, v in report.total.as_dict().items() if k not in by},
-                "unpriced_models": report.unpriced_models,
-                "files": report.files,
-            },
-            indent=2,
-            ensure_ascii=False,
-        )
-    headers = [*by, *HEADERS]
+        return _render_json(report)
     if fmt == "csv":
+        return _render_csv(report)
+    return _render_text(report, markdown=fmt == "markdown")
 
-        def csv_row(line: Line, keys: list[str]) -> list[str]:
-            return [
-                *keys,
-                str(line.rows),
-                *[str(line.tokens[c]) for c in TOKEN_COLUMNS],
-                "" if line.all_unpriced else exact(line.cost),
-                str(line.unpriced_rows),
-            ]
 
-        rows = [
-            csv_row(line, ["" if line.key[k] is None else str(line.key[k]) for k in by])
-            for line in report.lines
+def _render_json(report: Report) -> str:
+    by = report.by
+    return json.dumps(
+        {
+            "prices": {
+                "version": report.prices.version,
+                "as_of": report.prices.as_of,
+                "region": report.prices.region,
+                "overrides": report.prices.overrides,
+            },
+            "by": list(by),
+            "groups": [line.as_dict() for line in report.lines],
+            "total": {k: v for k, v in report.total.as_dict().items() if k not in by},
+            "unpriced_models": report.unpriced_models,
+            "files": report.files,
+        },
+        indent=2,
+        ensure_ascii=False,
+    )
+
+
+def _render_csv(report: Report) -> str:
+    by = report.by
+
+    def csv_row(line: Line, keys: list[str]) -> list[str]:
+        return [
+            *keys,
+            str(line.rows),
+            *[str(line.tokens[c]) for c in TOKEN_COLUMNS],
+            "" if line.all_unpriced else exact(line.cost),
+            str(line.unpriced_rows),
         ]
-        rows.append(csv_row(report.total, ["TOTAL", *[""] * (len(by) - 1)]))
-        frame = pl.DataFrame(rows, schema=[*headers, "unpriced_rows"], orient="row")
-        return frame.write_csv().rstrip("\n")
+
+    rows = [
+        csv_row(line, ["" if line.key[k] is None else str(line.key[k]) for k in by]) for line in report.lines
+    ]
+    rows.append(csv_row(report.total, ["TOTAL", *[""] * (len(by) - 1)]))
+    frame = pl.DataFrame(rows, schema=[*by, *HEADERS, "unpriced_rows"], orient="row")
+    return frame.write_csv().rstrip("\n")
+
+
+def _render_text(report: Report, *, markdown: bool) -> str:
+    by = report.by
+    headers = [*by, *HEADERS]
     body = [_cells(line, by) for line in report.lines]
     total = _cells(report.total, by, label="TOTAL")
     notes = [f"prices: {report.prices.describe()}"]
@@ -289,7 +289,7 @@ def render(report: Report, fmt: str) -> str:
             f"{entry['tokens']:,} tokens) "
             f"has no {report.prices.region} price in the table; add it with --prices FILE"
         )
-    if fmt == "markdown":
+    if markdown:
         lines = [
             "| " + " | ".join(headers) + " |",
             "|" + "|".join("---" if i < len(by) else "---:" for i in range(len(headers))) + "|",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from importlib import resources
@@ -56,14 +56,57 @@ class ModelPrice:
         thinking: bool = False,
         cached_ratio: Decimal = Decimal("0.2"),
     ) -> Decimal:
-        tier = self.tier(input_tokens)
-        cached = min(max(cached_tokens, 0), input_tokens)
-        out_price = tier.output_thinking if thinking and tier.output_thinking is not None else tier.output
-        return (
-            (input_tokens - cached) * tier.input
-            + cached * tier.input * cached_ratio
-            + output_tokens * out_price
-        ) / MILLION
+        """One request's cost, at the tier its input tokens fall in."""
+        return charge(
+            self.tier(input_tokens),
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cached_tokens=cached_tokens,
+            thinking=thinking,
+            cached_ratio=cached_ratio,
+        )
+
+
+def charge(
+    tier: Tier,
+    *,
+    input_tokens: int,
+    output_tokens: int,
+    cached_tokens: int = 0,
+    thinking: bool = False,
+    cached_ratio: Decimal = Decimal("0.2"),
+) -> Decimal:
+    """The billing formula, the one every cost batchgen reports goes through: the run's spend,
+    ``--max-cost``'s reservations, ``--dry-run``'s estimate (via ``ModelPrice.cost``) and
+    ``batchgen cost`` (on token sums of rows that share a tier, where the formula is linear)."""
+    cached = min(max(cached_tokens, 0), input_tokens)
+    out_price = tier.output_thinking if thinking and tier.output_thinking is not None else tier.output
+    return (
+        (input_tokens - cached) * tier.input + cached * tier.input * cached_ratio + output_tokens * out_price
+    ) / MILLION
+
+
+def billed_thinking(reasoning_tokens: int | None, reasoning: str | None) -> bool:
+    """Whether a finished row is billed at the thinking output price: it spent reasoning tokens
+    or carries reasoning text. ``thinking_billed_expr`` is the same rule over a table."""
+    return bool(reasoning_tokens or reasoning)
+
+
+def thinking_billed_expr(columns: Collection[str]) -> Any:
+    """``billed_thinking`` as a polars expression over an output table's ``columns``."""
+    import polars as pl
+
+    tokens = (
+        pl.col("reasoning_tokens").cast(pl.Int64, strict=False).fill_null(0) > 0
+        if "reasoning_tokens" in columns
+        else pl.lit(False)
+    )
+    text = (
+        pl.col("reasoning").cast(pl.String).fill_null("").str.len_chars() > 0
+        if "reasoning" in columns
+        else pl.lit(False)
+    )
+    return tokens | text
 
 
 @dataclass(frozen=True)

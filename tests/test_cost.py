@@ -432,3 +432,25 @@ def test_a_cn_run_reports_its_spend_as_unpriced_rows(simulator, tmp_path):
     cost = json.loads(summary.read_text())["cost"]
     assert cost == {"spent_usd": "0", "total_usd": "0", "unpriced_rows": 2}
     assert "+ 2 unpriced rows" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("reasoning_tokens", "reasoning", "expected"),
+    [
+        (None, None, False),
+        (0, "", False),
+        (0, None, False),
+        (12, None, True),
+        (None, "hm", True),
+        (3, "x", True),
+    ],
+)
+def test_the_run_and_the_report_agree_on_which_rows_bill_as_thinking(reasoning_tokens, reasoning, expected):
+    from batchgen.pricing import billed_thinking, thinking_billed_expr
+
+    frame = pl.DataFrame(
+        {"reasoning_tokens": [reasoning_tokens], "reasoning": [reasoning]},
+        schema={"reasoning_tokens": pl.Int64, "reasoning": pl.String},
+    )
+    assert billed_thinking(reasoning_tokens, reasoning) is expected
+    assert frame.select(thinking_billed_expr(frame.columns)).item() is expected
