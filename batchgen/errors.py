@@ -13,6 +13,7 @@ exceptions at the library boundary: they are written into that row's ``status`` 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -27,6 +28,15 @@ class ExitCode(enum.IntEnum):
     BUDGET = 5  # stopped by --max-cost
     SIGINT = 130  # stopped by Ctrl-C
     SIGTERM = 143  # stopped by SIGTERM
+
+
+@dataclass(frozen=True, slots=True)
+class RowProblem:
+    """Why a row will not be sent (an empty prompt, a missing image, ...): a value, not an
+    exception; it becomes the row's ``error_code`` and ``error_message``."""
+
+    code: str
+    message: str
 
 
 class BatchgenError(Exception):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.api.native import MAX_BODY_BASE64, TOO_LARGE
-from batchgen.prompts import RowProblem
+from batchgen.errors import RowProblem
 
 IMAGE_NOT_FOUND = "batchgen.ImageNotFound"
 BAD_IMAGE = "batchgen.InvalidImage"

@@ -14,8 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from batchgen.errors import UsageError
-from batchgen.prompts import RowProblem
+from batchgen.errors import RowProblem, UsageError
 
 NO_JSON_WORD = "batchgen.NoJsonWord"
 JSON_OBJECT = {"type": "json_object"}

@@ -15,10 +15,11 @@ import polars as pl
 
 from batchgen.api.dialect import DIALECTS
 from batchgen.config import RunConfig
+from batchgen.errors import RowProblem
 from batchgen.images import portable
 from batchgen.journal import CHANGED, RETRY, Answers, Entry, request_hash, reuse, row_keys
 from batchgen.jsonmode import json_word_problem, mentions_json
-from batchgen.prompts import PromptSpec, RowProblem, build_messages
+from batchgen.prompts import PromptSpec, build_messages
 
 Batch = tuple[pl.DataFrame, "list[Any] | None"]  # rows, and their messages cells as written
 

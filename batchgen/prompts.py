@@ -16,7 +16,8 @@ from typing import Any
 
 import polars as pl
 
-from batchgen.errors import UsageError
+from batchgen.errors import RowProblem, UsageError
+from batchgen.images import attach, local_parts, row_images
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 EMPTY_PROMPT = "batchgen.EmptyPrompt"
@@ -131,14 +132,6 @@ def check_columns(
         raise UsageError(f"{what} is not in the input; its columns are: {listing}")
 
 
-@dataclass(frozen=True, slots=True)
-class RowProblem:
-    """Why a row will not be sent."""
-
-    code: str
-    message: str
-
-
 def _parse_messages(cell: Any) -> list[dict[str, Any]] | RowProblem:
     if cell is None or (isinstance(cell, str) and not cell.strip()):
         return RowProblem(EMPTY_PROMPT, "the messages cell is empty")
@@ -188,8 +181,6 @@ def build_messages(
     out = _build_messages(spec, frame, raw_messages)
     if not spec.may_have_images:
         return out
-    from batchgen.images import attach, local_parts, row_images
-
     root = spec.image_root or Path.cwd()
     if spec.messages_column:  # file: images written in the messages: checked like a column's
         out = [local_parts(m, root) if not isinstance(m, RowProblem) else m for m in out]

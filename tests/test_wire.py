@@ -19,10 +19,10 @@ from batchgen.api.models import needs_stream
 from batchgen.api.native import NativeStream, build_body, too_large
 from batchgen.api.types import APIError, Disposition, Reply
 from batchgen.config import RunConfig, compatible_url, resolve_base_url
+from batchgen.errors import RowProblem
 from batchgen.images import attach, cell_refs, has_local, materialize, resolve, row_images
 from batchgen.jsonmode import mentions_json, reply_checker, response_format
 from batchgen.planning import request_body
-from batchgen.prompts import RowProblem
 from batchgen.ratelimit import REQUESTS, TOKENS, throttle_kind
 from batchgen.sse import SSEDecoder
 
