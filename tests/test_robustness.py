@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socketserver
 import stat
 import threading
-import time
 import typing
 from collections.abc import Iterator
 
@@ -16,6 +16,8 @@ import pytest
 from conftest import KEY, invoke, write_prompts
 
 from batchgen import cli as cli_module
+from batchgen.config import RunConfig
+from batchgen.runner import arun
 from batchgen.simulator import simulated_reply
 
 
@@ -128,13 +130,21 @@ def test_an_unreachable_service_stops_the_run_and_keeps_the_old_output(tmp_path)
 
 def test_a_fatal_answer_stops_waiting_rows_at_once_even_at_low_rpm(simulator, tmp_path):
     sim = simulator()
-    source = write_prompts(tmp_path / "in.csv", [f"p{i}" for i in range(16)])
-    started = time.monotonic()
-    result = invoke(
-        ["run", str(source), "-o", str(tmp_path / "o.csv"), "--rpm", "6", "-c", "8"], sim, key="sk-wrong-key"
-    )
-    assert result.exit_code == 1
-    assert time.monotonic() - started < 3  # not 10 s per pacing slot
+    released = []
+
+    async def never(seconds: float) -> None:  # a pacing slot that only an interrupt ends
+        released.append(seconds)
+        await asyncio.Event().wait()
+
+    frame = pl.DataFrame({"prompt": [f"p{i}" for i in range(16)]})
+    config = RunConfig(api_key="sk-wrong-key", base_url=sim.base_url, rpm=6, concurrency=8)
+    # Rows waiting for a slot are released by the fatal answer, not by time: were they not,
+    # this run would never end (the timeout is a hang guard, not a measure of speed).
+    result = asyncio.run(asyncio.wait_for(arun(frame, config, sleep=never), timeout=60))
+
+    assert result.fatal is not None and result.fatal.code == "InvalidApiKey"
+    assert released  # rows did wait for pacing slots, and were let go
+    assert result.frame["status"].to_list() == ["error"] + ["skipped"] * 15
     assert sim.stats.requests == 1
 
 
