@@ -17,7 +17,6 @@ from decimal import Decimal
 from functools import cache
 from typing import Any
 
-from batchgen.api.models import thinks
 from batchgen.pricing import ModelPrice, PriceTable, billed_thinking
 
 INPUT_MARGIN = 1.10  # the tokenizer's count against the server's: templates, special tokens
@@ -152,13 +151,3 @@ class Budget:
             self.reserved -= worst
             self.spent += actual or Decimal(0)
             self._settled.notify_all()
-
-
-__all__ = [  # thinks: imported from here by the command layer until it moves to api.models
-    "Budget",
-    "count_images",
-    "count_input_tokens",
-    "row_cost",
-    "thinks",
-    "worst_output_tokens",
-]

@@ -15,29 +15,27 @@ import click
 from click.core import ParameterSource
 
 from batchgen import __version__
-from batchgen.errors import BatchgenError, UsageError
+from batchgen.errors import BatchgenError, ExitCode, UsageError
 
 INPUT_FORMATS = ("csv", "parquet", "jsonl")
 
 
-def _run_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The options ``run`` and ``validate`` share: everything that describes a run."""
-    options = [
+def _stack(*decorators: Callable[[Any], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Apply click decorators so that they show in ``--help`` in the order given."""
+
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
+
+
+def _input_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """INPUT and how each row becomes messages: ``options.InputOptions``."""
+    return _stack(
         click.argument(
             "input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, path_type=Path)
-        ),
-        click.option(
-            "-o",
-            "--output",
-            "output_path",
-            type=click.Path(path_type=Path),
-            help="Output table; .csv, .parquet or .jsonl picks the format.  [required]",
-        ),
-        click.option(
-            "--job",
-            "job_path",
-            type=click.Path(dir_okay=False, path_type=Path),
-            help="A job file (TOML) describing the run; options given here override it.",
         ),
         click.option(
             "--input-format",
@@ -66,6 +64,41 @@ def _run_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="Column of image URLs or file paths (or lists of them) sent with each "
             "row's prompt (repeatable); needs a vision model.",
         ),
+    )(command)
+
+
+def _output_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Where the answers and the reports go: ``options.OutputOptions``."""
+    return _stack(
+        click.option(
+            "-o",
+            "--output",
+            "output_path",
+            type=click.Path(path_type=Path),
+            help="Output table; .csv, .parquet or .jsonl picks the format.  [required]",
+        ),
+        click.option(
+            "--summary",
+            "summary_path",
+            type=click.Path(path_type=Path),
+            help="Write a JSON summary of the run to this file.",
+        ),
+        click.option(
+            "--log-format",
+            type=click.Choice(["text", "json"]),
+            default="text",
+            show_default=True,
+            help="Log lines on stderr for people or as JSON objects.",
+        ),
+        click.option(
+            "-q", "--quiet", is_flag=True, help="No progress and no summary line; errors still print."
+        ),
+    )(command)
+
+
+def _server_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Whom to ask: ``options.ServerOptions``."""
+    return _stack(
         click.option("-m", "--model", default="qwen-plus", show_default=True, help="Model name."),
         click.option(
             "--api",
@@ -101,6 +134,17 @@ def _run_options(command: Callable[..., Any]) -> Callable[..., Any]:
             show_envvar=True,
             help="Workspace ID, sent as X-DashScope-WorkSpace.",
         ),
+        click.option(
+            "--simulate",
+            is_flag=True,
+            help="Run against the built-in simulator on a local port (no key needed).",
+        ),
+    )(command)
+
+
+def _generation_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """What each request asks of the model: ``options.GenerationOptions``."""
+    return _stack(
         click.option("--temperature", type=float, help="Sampling temperature, [0, 2)."),
         click.option("--top-p", type=float, help="Nucleus sampling mass, (0, 1]."),
         click.option("--top-k", type=int, help="Sample from the k most likely tokens."),
@@ -132,6 +176,12 @@ def _run_options(command: Callable[..., Any]) -> Callable[..., Any]:
             metavar="KEY=JSON",
             help="Any other parameter, e.g. --param presence_penalty=0.5 (repeatable).",
         ),
+    )(command)
+
+
+def _pacing_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """How fast, how many at once, how patiently: ``options.PacingOptions``."""
+    return _stack(
         click.option(
             "-c",
             "--concurrency",
@@ -171,6 +221,12 @@ def _run_options(command: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Seconds to wait for one answer.",
         ),
+    )(command)
+
+
+def _policy_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """What the run may do (resume, spend, stop): ``options.PolicyOptions``."""
+    return _stack(
         click.option(
             "--grace",
             type=click.FloatRange(min=0),
@@ -199,31 +255,28 @@ def _run_options(command: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Path(dir_okay=False),
             help="A price file merged over the built-in table.  [env: BATCHGEN_PRICES]",
         ),
-        click.option(
-            "--simulate",
-            is_flag=True,
-            help="Run against the built-in simulator on a local port (no key needed).",
-        ),
-        click.option(
-            "--summary",
-            "summary_path",
-            type=click.Path(path_type=Path),
-            help="Write a JSON summary of the run to this file.",
-        ),
-        click.option(
-            "--log-format",
-            type=click.Choice(["text", "json"]),
-            default="text",
-            show_default=True,
-            help="Log lines on stderr for people or as JSON objects.",
-        ),
-        click.option(
-            "-q", "--quiet", is_flag=True, help="No progress and no summary line; errors still print."
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    )(command)
+
+
+_job_option = click.option(
+    "--job",
+    "job_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A job file (TOML) describing the run; options given here override it.",
+)
+
+
+def _run_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options ``run`` and ``validate`` share, group by group (``options.RunOptions``)."""
+    return _stack(
+        _output_options,
+        _job_option,
+        _input_options,
+        _server_options,
+        _generation_options,
+        _pacing_options,
+        _policy_options,
+    )(command)
 
 
 def _kind(param: click.Parameter) -> str:
@@ -287,17 +340,25 @@ def _split_params(pairs: Any) -> list[tuple[str, str]]:
     return list(parse_param_options(pairs).items())
 
 
-def _dispatch(ctx: click.Context, implementation: str, options: dict[str, Any]) -> None:
-    """Merge the job file, set up logging, call ``commands.<implementation>``, exit with its code."""
-    from batchgen import commands
+def _dispatch(ctx: click.Context, command: str, options: dict[str, Any]) -> None:
+    """Merge the job file, set up logging, run ``command`` on the typed options, exit with its code."""
     from batchgen.logs import setup_logging
+    from batchgen.options import RunOptions
 
     log = setup_logging(options["log_format"], quiet=options["quiet"])
     try:
         merged = _merge_job(ctx, options)
         if merged["log_format"] != options["log_format"] or merged["quiet"] != options["quiet"]:
             log = setup_logging(merged["log_format"], quiet=merged["quiet"])
-        code = getattr(commands, implementation)(**merged)
+        typed = RunOptions.from_values(merged)
+        if command == "run":
+            from batchgen.commands.run import run_command
+
+            code = run_command(typed)
+        else:
+            from batchgen.commands.validate import validate_command
+
+            code = validate_command(typed)
     except BatchgenError as err:
         log.error("%s", err)
         sys.exit(err.exit_code)
@@ -337,7 +398,7 @@ def run(ctx: click.Context, **options: Any) -> None:
     --max-cost, 130/143 stopped by SIGINT/SIGTERM (after 5, 130 and 143 run the same
     command again to resume).
     """
-    _dispatch(ctx, "run_command", options)
+    _dispatch(ctx, "run", options)
 
 
 @cli.command()
@@ -354,7 +415,7 @@ def validate(ctx: click.Context, **options: Any) -> None:
     Exit code 0 when the run would start, 2 (with the reason) when it would not, 4 when
     another run holds OUTPUT.
     """
-    _dispatch(ctx, "validate_command", options)
+    _dispatch(ctx, "validate", options)
 
 
 @cli.command()
@@ -394,12 +455,12 @@ def cost(files: tuple[str, ...], by: str, fmt: str, prices_path: str | None, reg
       batchgen cost 'out/*.parquet' --by day,model --format markdown
       batchgen cost out/run.jsonl --format json > cost.json
     """
-    from batchgen import commands
+    from batchgen.commands.cost import cost_command
     from batchgen.logs import setup_logging
 
     log = setup_logging("text")
     try:
-        commands.cost_command(files=list(files), by=by, fmt=fmt, prices_path=prices_path, region=region)
+        cost_command(files=list(files), by=by, fmt=fmt, prices_path=prices_path, region=region)
     except BatchgenError as err:
         log.error("%s", err)
         sys.exit(err.exit_code)
@@ -490,7 +551,7 @@ def main() -> None:
         code = cli.main(standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("batchgen: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(ExitCode.SIGINT)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -19,7 +19,6 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from tenacity.stop import stop_base
 
 from batchgen import __version__
-from batchgen.api.dialect import DIALECTS
 from batchgen.api.native import too_large
 from batchgen.api.stream import StreamAssembler
 from batchgen.api.types import APIError, Disposition, Reply
@@ -150,7 +149,7 @@ class Caller:
         self.config = config
         self.transport = transport
         self.url = httpx.URL(config.url)
-        self.dialect = DIALECTS[config.api]
+        self.dialect = config.dialect
         self.stream = config.effective_stream
         headers = {
             "Authorization": f"Bearer {config.api_key}",

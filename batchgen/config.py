@@ -14,19 +14,31 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from batchgen.api.dialect import DIALECTS, Dialect
+from batchgen.api.models import route_for_model, stream_by_default
+from batchgen.api.types import Api, Route
 from batchgen.errors import UsageError
-from batchgen.protocol import (
-    CHAT_PATH,
-    COMPATIBLE_PREFIX,
-    NATIVE_PREFIX,
-    REGION_ALIASES,
-    REGION_BASE_URLS,
-    ROUTE_PATHS,
-    Api,
-    Route,
-    route_for_model,
-    stream_by_default,
-)
+
+COMPATIBLE_PREFIX = "/compatible-mode/v1"  # the OpenAI-compatible API on the same hosts
+NATIVE_PREFIX = "/api/v1"
+
+REGION_BASE_URLS: dict[str, str] = {
+    "intl": "https://dashscope-intl.aliyuncs.com/api/v1",
+    "us": "https://dashscope-us.aliyuncs.com/api/v1",
+    "cn": "https://dashscope.aliyuncs.com/api/v1",
+    "hk": "https://cn-hongkong.dashscope.aliyuncs.com/api/v1",
+}
+# Region names as Alibaba Cloud writes them, accepted so DASHSCOPE_API_REGION set for the SDK works.
+REGION_ALIASES: dict[str, str] = {
+    "ap-southeast-1": "intl",
+    "singapore": "intl",
+    "us-east-1": "us",
+    "virginia": "us",
+    "cn-beijing": "cn",
+    "beijing": "cn",
+    "cn-hongkong": "hk",
+    "hongkong": "hk",
+}
 
 ENV_API_KEY = "DASHSCOPE_API_KEY"
 ENV_BASE_URL = "DASHSCOPE_HTTP_BASE_URL"
@@ -57,11 +69,15 @@ class RunConfig:
     api_key: str = field(repr=False)
     base_url: str = REGION_BASE_URLS["intl"]
     model: str = DEFAULT_MODEL
-    api: Api = "dashscope"  # "openai": POST {base_url}/chat/completions, OpenAI's shapes
+    # The wire format (``api.dialect``): DashScope's native API, or "openai" for POST
+    # {base_url}/chat/completions with OpenAI's shapes, whoever serves it.
+    api: Api = "dashscope"
     route: Route | None = None  # None: chosen from the model name (native API only)
     stream: bool | None = None  # None: streamed only where the model or mode requires it
     json_schema: Mapping[str, Any] | None = field(default=None, repr=False)  # checks replies
-    dashscope: bool = True  # the server is DashScope: its body limits and JSON-mode rule apply
+    # The vendor, whatever the wire format: the server is DashScope (or its simulator), so its
+    # body limits and JSON-mode rule apply and its key and workspace may be sent.
+    dashscope: bool = True
     workspace: str | None = None
     parameters: Mapping[str, Any] = field(default_factory=dict)
     concurrency: int = DEFAULT_CONCURRENCY
@@ -111,11 +127,13 @@ class RunConfig:
         return self.stream if self.stream is not None else stream_by_default(self.model, self.parameters)
 
     @property
+    def dialect(self) -> Dialect:
+        return DIALECTS[self.api]
+
+    @property
     def url(self) -> str:
         """Where every request of the run goes."""
-        if self.api == "openai":
-            return self.base_url + CHAT_PATH
-        return self.base_url + ROUTE_PATHS[self.effective_route]
+        return self.base_url + self.dialect.path(self.effective_route)
 
 
 def dashscope_endpoint(base_url: str | None, api: str, environ: Mapping[str, str] = os.environ) -> bool:

@@ -13,7 +13,6 @@ from typing import Any
 
 import polars as pl
 
-from batchgen.api.dialect import DIALECTS
 from batchgen.config import RunConfig
 from batchgen.errors import RowProblem
 from batchgen.images import portable
@@ -22,11 +21,6 @@ from batchgen.jsonmode import json_word_problem, mentions_json
 from batchgen.prompts import PromptSpec, build_messages
 
 Batch = tuple[pl.DataFrame, "list[Any] | None"]  # rows, and their messages cells as written
-
-
-def messages_of(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """A request body's messages, native (``input.messages``) or OpenAI (``messages``)."""
-    return body["input"]["messages"] if "input" in body else body["messages"]
 
 
 def row_digest(body: dict[str, Any], endpoint: str, spec: PromptSpec) -> str:
@@ -51,7 +45,7 @@ def request_body(config: RunConfig, messages: list[dict[str, Any]]) -> dict[str,
         and not mentions_json(messages)
     ):
         return json_word_problem()
-    return DIALECTS[config.api].body(config.model, messages, config.parameters, config.effective_route)
+    return config.dialect.body(config.model, messages, config.parameters, config.effective_route)
 
 
 @dataclass(slots=True)

@@ -29,7 +29,7 @@ from batchgen.errors import FatalAPIError
 from batchgen.images import BAD_IMAGE, IMAGE_NOT_FOUND, has_local, materialize
 from batchgen.journal import CHANGED, Journal
 from batchgen.jsonmode import reply_checker
-from batchgen.planning import Batch, PlannedRow, messages_of, plan_rows
+from batchgen.planning import Batch, PlannedRow, plan_rows
 from batchgen.pricing import PriceTable
 from batchgen.prompts import PromptSpec
 from batchgen.ratelimit import Governor
@@ -252,7 +252,7 @@ class Pool:
         budget = self.options.budget
         worst = Decimal(0)
         if budget is not None:
-            worst = budget.worst_case(self.config.model, messages_of(job.body))
+            worst = budget.worst_case(self.config.model, self.config.dialect.messages(job.body))
             if not await budget.reserve(worst):
                 self.control.stop("budget")
                 self.skip(job.batch, job.index)
@@ -273,7 +273,8 @@ class Pool:
         if self.config.tpm is None:
             return 0
         max_tokens = self.config.parameters.get("max_tokens")
-        counted = count_input_tokens(self.config.model, messages_of(body), IMAGE_TOKENS_TYPICAL)
+        messages = self.config.dialect.messages(body)
+        counted = count_input_tokens(self.config.model, messages, IMAGE_TOKENS_TYPICAL)
         return counted + self.governor.output_estimate(max_tokens, DEFAULT_OUTPUT_ESTIMATE)
 
     async def outcome(self, job: _Job) -> CallOutcome:

@@ -452,7 +452,7 @@ def test_tables_that_may_hold_the_only_copy_of_an_answer_stay(simulator, tmp_pat
 def test_signals_during_the_output_swap_wait_for_it():
     import threading
 
-    from batchgen.commands import _signals_deferred
+    from batchgen.commands.outputs import signals_deferred as _signals_deferred
 
     finished = []
     with pytest.raises(KeyboardInterrupt), _signals_deferred():
