@@ -96,53 +96,78 @@ def _schema_instance(schema: Any, seed: bytes, path: str, depth: int = 0) -> Any
             options = schema.get(name)
             if isinstance(options, list) and options:
                 return _schema_instance(options[0], seed, path, depth + 1)
+    kind = _schema_kind(schema)
+    if kind == "object":
+        return _object_instance(schema, seed, path, depth)
+    if kind == "array":
+        return _array_instance(schema, seed, path, depth)
+    if kind == "string":
+        return _string_instance(schema, seed, path)
+    if kind in ("integer", "number"):
+        return _number_instance(schema, kind == "integer", next(numbers))
+    if kind == "boolean":
+        return next(numbers) % 2 == 0
+    return None
+
+
+def _schema_kind(schema: dict[str, Any]) -> str:
+    """The one type to answer ``schema`` with: its own (the first besides null), else a guess."""
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((name for name in kind if name != "null"), "null")
     if kind not in _SCHEMA_TYPES:
         kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
+    return str(kind)
 
-    if kind == "object":
-        properties = schema.get("properties")
-        result = {
-            name: _schema_instance(sub, seed, f"{path}.{name}", depth + 1)
-            for name, sub in (properties.items() if isinstance(properties, dict) else ())
-        }
-        required = schema.get("required")
-        for name in required if isinstance(required, list) else ():
-            if isinstance(name, str) and name not in result:
-                result[name] = _prose(seed + f"{path}.{name}".encode(), 2, 8)
-        return result
-    if kind == "array":
-        min_items, max_items = schema.get("minItems"), schema.get("maxItems")
-        least = min_items if _is_int(min_items) else 0
-        most = max_items if _is_int(max_items) else None
-        count = max(least, 2 if most is None else min(2, most))
-        items = schema.get("items", {})
-        return [_schema_instance(items, seed, f"{path}[{index}]", depth + 1) for index in range(count)]
-    if kind == "string":
-        text = _prose(seed + path.encode("utf-8"), 2, 8)
-        shortest, longest = schema.get("minLength"), schema.get("maxLength")
-        if _is_int(shortest) and len(text) < shortest:
-            text = text.ljust(shortest, ".")
-        if _is_int(longest):
-            text = text[:longest]
-        return text
-    if kind in ("integer", "number"):
-        low, high = schema.get("minimum"), schema.get("maximum")
-        low = low if _is_number(low) else None
-        high = high if _is_number(high) else None
-        if low is None:
-            low = 0 if high is None or high >= 0 else high - 100
-        if high is None or high < low:
-            high = low + 100
-        if kind == "integer":
-            first, last = math.ceil(low), math.floor(high)
-            return first if last < first else first + next(numbers) % (last - first + 1)
-        return min(high, max(low, round(low + (high - low) * next(numbers) / 65535, 2)))
-    if kind == "boolean":
-        return next(numbers) % 2 == 0
-    return None
+
+def _object_instance(schema: dict[str, Any], seed: bytes, path: str, depth: int) -> dict[str, Any]:
+    """Every property of ``schema``, and prose for each required one it does not describe."""
+    properties = schema.get("properties")
+    result = {
+        name: _schema_instance(sub, seed, f"{path}.{name}", depth + 1)
+        for name, sub in (properties.items() if isinstance(properties, dict) else ())
+    }
+    required = schema.get("required")
+    for name in required if isinstance(required, list) else ():
+        if isinstance(name, str) and name not in result:
+            result[name] = _prose(seed + f"{path}.{name}".encode(), 2, 8)
+    return result
+
+
+def _array_instance(schema: dict[str, Any], seed: bytes, path: str, depth: int) -> list[Any]:
+    """Two items, or as many as minItems asks for, or as few as maxItems allows."""
+    min_items, max_items = schema.get("minItems"), schema.get("maxItems")
+    least = min_items if _is_int(min_items) else 0
+    most = max_items if _is_int(max_items) else None
+    count = max(least, 2 if most is None else min(2, most))
+    items = schema.get("items", {})
+    return [_schema_instance(items, seed, f"{path}[{index}]", depth + 1) for index in range(count)]
+
+
+def _string_instance(schema: dict[str, Any], seed: bytes, path: str) -> str:
+    """A few words of prose, padded with periods to minLength and cut at maxLength."""
+    text = _prose(seed + path.encode("utf-8"), 2, 8)
+    shortest, longest = schema.get("minLength"), schema.get("maxLength")
+    if _is_int(shortest) and len(text) < shortest:
+        text = text.ljust(shortest, ".")
+    if _is_int(longest):
+        text = text[:longest]
+    return text
+
+
+def _number_instance(schema: dict[str, Any], integer: bool, draw: int) -> int | float:
+    """A number within minimum and maximum (a range of 100 where they leave it open), from ``draw``."""
+    low, high = schema.get("minimum"), schema.get("maximum")
+    low = low if _is_number(low) else None
+    high = high if _is_number(high) else None
+    if low is None:
+        low = 0 if high is None or high >= 0 else high - 100
+    if high is None or high < low:
+        high = low + 100
+    if integer:
+        first, last = math.ceil(low), math.floor(high)
+        return first if last < first else first + draw % (last - first + 1)
+    return min(high, max(low, round(low + (high - low) * draw / 65535, 2)))
 
 
 def _break_json(text: str) -> str:

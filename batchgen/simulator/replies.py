@@ -83,6 +83,34 @@ def simulated_reply(
     The OpenAI route converts its messages to native ones first (``{"text": ...}`` and
     ``{"image": url}`` parts), so one conversation gets one reply on every route.
     """
+    digest = _digest(model, messages)
+    snippet = _snippet(_prompt(messages))
+    image_ids = tuple(image_id(value) for value in _image_values(messages) if isinstance(value, str))
+    content = _content(response_format, digest, snippet, image_ids, messages)
+
+    finish_reason: Literal["stop", "length"] = "stop"
+    if max_tokens is not None and count_tokens(content) > max_tokens:
+        content = _cut_to_tokens(content, max_tokens)
+        finish_reason = "length"
+
+    reasoning = _reasoning(model, enable_thinking, thinking_budget, digest, snippet)
+    reasoning_tokens = 0 if reasoning is None else count_tokens(reasoning)
+    image_tokens = IMAGE_TOKENS * len(image_ids)
+    input_tokens = sum(count_tokens(_message_text(m)) + 4 for m in messages) + 3 + image_tokens
+    return SimReply(
+        content=content,
+        reasoning=reasoning,
+        finish_reason=finish_reason,
+        input_tokens=max(1, input_tokens),
+        output_tokens=count_tokens(content) + reasoning_tokens,
+        reasoning_tokens=reasoning_tokens,
+        image_tokens=image_tokens,
+        image_ids=image_ids,
+    )
+
+
+def _digest(model: str, messages: list[dict]) -> bytes:
+    """SHA-256 of the model and the messages, the same whichever route wrapped their text."""
     canonical = json.dumps(
         [model, [_plain(m) for m in messages]],
         sort_keys=True,
@@ -90,19 +118,25 @@ def simulated_reply(
         separators=(",", ":"),
         default=str,
     )
-    digest = hashlib.sha256(canonical.encode("utf-8")).digest()
+    return hashlib.sha256(canonical.encode("utf-8")).digest()
 
-    prompt = ""
+
+def _prompt(messages: list[dict]) -> str:
+    """The text the reply quotes: the last user message's, else the last message's."""
     for message in reversed(messages):
         if isinstance(message, dict) and message.get("role") == "user":
-            prompt = _message_text(message)
-            break
-    else:
-        if messages:
-            prompt = _message_text(messages[-1])
-    snippet = _snippet(prompt)
-    image_ids = tuple(image_id(value) for value in _image_values(messages) if isinstance(value, str))
+            return _message_text(message)
+    return _message_text(messages[-1]) if messages else ""
 
+
+def _content(
+    response_format: dict | None,
+    digest: bytes,
+    snippet: str,
+    image_ids: tuple[str, ...],
+    messages: list[dict],
+) -> str:
+    """The whole answer, before max_tokens cuts it: prose, or JSON in the format asked for."""
     prose = _prose(digest + b"answer", 8, 60)
     format_type = response_format.get("type") if isinstance(response_format, dict) else None
     if format_type == "json_object":
@@ -125,29 +159,16 @@ def simulated_reply(
         _BAD_JSON_MARKER in _message_text(message) for message in messages
     ):
         content = _break_json(content)
+    return content
 
-    finish_reason: Literal["stop", "length"] = "stop"
-    if max_tokens is not None and count_tokens(content) > max_tokens:
-        content = _cut_to_tokens(content, max_tokens)
-        finish_reason = "length"
 
-    reasoning: str | None = None
-    reasoning_tokens = 0
-    if _thinks(model, enable_thinking):
-        reasoning = f'Let me think about "{snippet}". ' + _prose(digest + b"reasoning", 20, 80)
-        if thinking_budget is not None and count_tokens(reasoning) > thinking_budget:
-            reasoning = _cut_to_tokens(reasoning, thinking_budget)
-        reasoning_tokens = count_tokens(reasoning)
-
-    image_tokens = IMAGE_TOKENS * len(image_ids)
-    input_tokens = sum(count_tokens(_message_text(m)) + 4 for m in messages) + 3 + image_tokens
-    return SimReply(
-        content=content,
-        reasoning=reasoning,
-        finish_reason=finish_reason,
-        input_tokens=max(1, input_tokens),
-        output_tokens=count_tokens(content) + reasoning_tokens,
-        reasoning_tokens=reasoning_tokens,
-        image_tokens=image_tokens,
-        image_ids=image_ids,
-    )
+def _reasoning(
+    model: str, enable_thinking: bool | None, thinking_budget: int | None, digest: bytes, snippet: str
+) -> str | None:
+    """The reasoning of a model that thinks (cut at ``thinking_budget``), or None."""
+    if not _thinks(model, enable_thinking):
+        return None
+    reasoning = f'Let me think about "{snippet}". ' + _prose(digest + b"reasoning", 20, 80)
+    if thinking_budget is not None and count_tokens(reasoning) > thinking_budget:
+        reasoning = _cut_to_tokens(reasoning, thinking_budget)
+    return reasoning
