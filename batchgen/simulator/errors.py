@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from batchgen.simulator.config import FaultName
+
 # The messages below are the real service's, byte for byte (including its typo "occured", the
 # fullwidth exclamation mark of the url error and the grammar of the stream-only messages):
 # clients match on them.
@@ -157,3 +159,17 @@ def _openai_error(error: _ApiError, request_id: str) -> tuple[int, dict[str, Any
         status, message = fixed_status or error.status, error.message
     error_object = {"message": message, "type": kind, "param": None, "code": code}
     return status, {"error": error_object, "request_id": request_id}
+
+
+def _fault_error(fault: FaultName, route: str, sse: bool) -> _ApiError | None:
+    """The error a fault answers with (fault_429, fault_500, fault_200_error), or None."""
+    if fault == "fault_429":
+        return _ApiError(429, "Throttling.RateQuota", _MSG_RATE_QUOTA, fault)
+    if fault == "fault_500":
+        return _ApiError(500, "InternalError", _MSG_INTERNAL, fault)
+    if fault == "fault_200_error":
+        # A non-streamed call gets the business error under HTTP 200; a stream has no
+        # such thing (its errors are all under 200), so its event says the 500 it is.
+        status = 500 if sse or route == "openai" else 200
+        return _ApiError(status, "InternalError.Algo", _MSG_ALGO, fault)
+    return None

@@ -15,35 +15,24 @@ from aiohttp import web
 
 from batchgen.simulator.config import _FAULT_ORDER, FaultName, SimulatorConfig, SimulatorStats
 from batchgen.simulator.errors import (
-    _MARKER_RE,
-    _MARKERS,
-    _MSG_ALGO,
-    _MSG_INCREMENTAL,
-    _MSG_INTERNAL,
     _MSG_INVALID_KEY,
-    _MSG_MODEL_NOT_EXIST,
     _MSG_RATE_QUOTA,
-    _MSG_STREAM_ONLY,
-    _MSG_THINKING_STREAM_ONLY,
     _MSG_TOKEN_QUOTA,
-    _MSG_URL_ERROR,
     _ApiError,
     _bad_request,
     _error_payload,
+    _fault_error,
     _too_large,
-)
-from batchgen.simulator.images import _image_problem, _image_values
-from batchgen.simulator.models import (
-    _KNOWN_MODEL_RE,
-    _STREAM_ONLY_RE,
-    _is_multimodal_model,
-    _thinks,
-    only_streamed,
 )
 from batchgen.simulator.quota import TokenBucket
 from batchgen.simulator.replies import simulated_reply
-from batchgen.simulator.text import _message_text
-from batchgen.simulator.validation import _check_response_format, _validate, _validate_openai
+from batchgen.simulator.validation import (
+    _check_images,
+    _check_markers,
+    _check_response_format,
+    _check_route,
+    _check_streaming,
+)
 from batchgen.simulator.wire import (
     _SSE_CONTENT_TYPE,
     _Answer,
@@ -161,14 +150,8 @@ class Simulator:
             payload = _error_payload("NotFound", "Not Found", request_id)
             return _json_response(404, payload, request_id)
 
-        stats = self.stats
         now = time.monotonic()
-        stats.requests += 1
-        stats.arrivals.append(now)
-        stats.routes[route] += 1
-        workspace = request.headers.get("X-DashScope-WorkSpace")
-        if workspace is not None:
-            stats.workspaces[workspace] += 1
+        self._count_arrival(request, route, now)
         # A native stream is asked for in a header, so even the gateway's own refusals come as
         # events; an OpenAI stream is asked for in the body, and its refusals are plain JSON.
         sse = route != "openai" and request.headers.get("X-DashScope-SSE", "").strip().lower() == "enable"
@@ -185,23 +168,14 @@ class Simulator:
 
         fault = self._draw_fault()
         if fault is not None:
-            if fault == "fault_429":
-                answer = refuse(429, "Throttling.RateQuota", _MSG_RATE_QUOTA, fault)
-                return await self._send(request, answer, request_id)
-            if fault == "fault_500":
-                answer = refuse(500, "InternalError", _MSG_INTERNAL, fault)
-                return await self._send(request, answer, request_id)
-            if fault == "fault_200_error":
-                # A non-streamed call gets the business error under HTTP 200; a stream has no
-                # such thing (its errors are all under 200), so its event says the 500 it is.
-                status = 500 if sse or route == "openai" else 200
-                answer = refuse(status, "InternalError.Algo", _MSG_ALGO, fault)
-                return await self._send(request, answer, request_id)
+            refusal = _fault_error(fault, route, sse)
+            if refusal is not None:
+                return await self._send(request, _error_answer(route, sse, refusal, request_id), request_id)
             if fault == "fault_drop":
-                stats.outcomes[fault] += 1
+                self.stats.outcomes[fault] += 1
                 return self._drop(request)
             if fault == "fault_hang":
-                stats.outcomes[fault] += 1
+                self.stats.outcomes[fault] += 1
                 await self._sleep(self.config.hang_seconds)
 
         try:
@@ -211,6 +185,16 @@ class Simulator:
         else:
             answer = _success_answer(call, request_id)
         return await self._send(request, answer, request_id, truncate=fault == "fault_truncate")
+
+    def _count_arrival(self, request: web.Request, route: str, now: float) -> None:
+        """Count a request to a known route: its arrival, its route and its workspace."""
+        stats = self.stats
+        stats.requests += 1
+        stats.arrivals.append(now)
+        stats.routes[route] += 1
+        workspace = request.headers.get("X-DashScope-WorkSpace")
+        if workspace is not None:
+            stats.workspaces[workspace] += 1
 
     async def _send(
         self, request: web.Request, answer: _Answer, request_id: str, *, truncate: bool = False
@@ -261,56 +245,11 @@ class Simulator:
         except ValueError:  # includes UnicodeDecodeError
             raise _bad_request("The request body is not valid JSON.") from None
 
-        if route == "openai":
-            model, messages, parameters, stream, include_usage = _validate_openai(body)
-            if not _KNOWN_MODEL_RE.match(model):
-                missing = f"The model `{model}` does not exist or you do not have access to it."
-                openai = (404, "model_not_found", "invalid_request_error", missing)
-                raise _ApiError(
-                    400, "InvalidParameter", _MSG_MODEL_NOT_EXIST, "bad_request_400", openai=openai
-                )
-        else:
-            model, messages, parameters = _validate(body)
-            stream, include_usage = sse, False
-            if not _KNOWN_MODEL_RE.match(model):
-                raise _bad_request(_MSG_MODEL_NOT_EXIST)
-            multimodal = route == "multimodal"
-            if multimodal != _is_multimodal_model(model):
-                raise _bad_request(_MSG_URL_ERROR)
-            if multimodal and not all(isinstance(m.get("content"), list) for m in messages):
-                raise _bad_request(
-                    'Content of every message should be a list of parts, e.g. [{"text": "..."}].'
-                )
-
-        images = _image_values(messages)
-        if images and route == "text":
-            raise _bad_request(
-                "Image input is not supported on the text-generation route; send images to a vision "
-                "model on the multimodal-generation route."
-            )
-        if images and not _is_multimodal_model(model):
-            raise _bad_request(f"The model {model} does not support image input.")
-        for image in images:
-            if problem := _image_problem(image):
-                raise _bad_request(problem)
+        model, messages, parameters, stream, include_usage = _check_route(route, body, sse)
+        _check_images(route, model, messages)
         response_format = _check_response_format(parameters.get("response_format"), messages)
-
-        if not stream and only_streamed(model, parameters):
-            always = _STREAM_ONLY_RE.match(model)
-            raise _bad_request(_MSG_STREAM_ONLY if always else _MSG_THINKING_STREAM_ONLY)
-        thinking = _thinks(model, parameters.get("enable_thinking"))
-        if stream and route != "openai" and thinking and parameters.get("incremental_output") is not True:
-            raise _bad_request(_MSG_INCREMENTAL)
-
-        output_inspection = False
-        for message in messages:
-            text = _message_text(message)
-            if "[sim:" in text:
-                for name in _MARKER_RE.findall(text):
-                    if name in _MARKERS:
-                        status, code, error_message = _MARKERS[name]
-                        raise _ApiError(status, code, error_message, f"error:{code}")
-                    output_inspection = output_inspection or name == "OutputInspection"
+        _check_streaming(route, model, parameters, stream)
+        output_inspection = _check_markers(messages)
 
         reply = simulated_reply(
             model,

@@ -6,8 +6,29 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from batchgen.simulator.errors import _MSG_EMPTY_INPUT, _MSG_EMPTY_MODEL, _MSG_JSON_WORD, _bad_request
+from batchgen.simulator.errors import (
+    _MARKER_RE,
+    _MARKERS,
+    _MSG_EMPTY_INPUT,
+    _MSG_EMPTY_MODEL,
+    _MSG_INCREMENTAL,
+    _MSG_JSON_WORD,
+    _MSG_MODEL_NOT_EXIST,
+    _MSG_STREAM_ONLY,
+    _MSG_THINKING_STREAM_ONLY,
+    _MSG_URL_ERROR,
+    _ApiError,
+    _bad_request,
+)
+from batchgen.simulator.images import _image_problem, _image_values
 from batchgen.simulator.jsonreplies import _is_int, _is_number, _schema_problem
+from batchgen.simulator.models import (
+    _KNOWN_MODEL_RE,
+    _STREAM_ONLY_RE,
+    _is_multimodal_model,
+    _thinks,
+    only_streamed,
+)
 from batchgen.simulator.text import _message_text
 
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -202,3 +223,63 @@ def _check_response_format(value: Any, messages: list[dict]) -> dict | None:
     if problem := _schema_problem(spec["schema"], "schema"):
         raise _bad_request(f"Invalid JSON schema in response_format.json_schema: {problem}.")
     return value
+
+
+def _check_route(route: str, body: Any, sse: bool) -> tuple[str, list[dict], dict[str, Any], bool, bool]:
+    """Check the body in its route's protocol and the model against the route; return (model,
+    native messages, parameters, stream, include_usage). ``sse``: the native stream header."""
+    if route == "openai":
+        model, messages, parameters, stream, include_usage = _validate_openai(body)
+        if not _KNOWN_MODEL_RE.match(model):
+            missing = f"The model `{model}` does not exist or you do not have access to it."
+            openai = (404, "model_not_found", "invalid_request_error", missing)
+            raise _ApiError(400, "InvalidParameter", _MSG_MODEL_NOT_EXIST, "bad_request_400", openai=openai)
+        return model, messages, parameters, stream, include_usage
+    model, messages, parameters = _validate(body)
+    if not _KNOWN_MODEL_RE.match(model):
+        raise _bad_request(_MSG_MODEL_NOT_EXIST)
+    multimodal = route == "multimodal"
+    if multimodal != _is_multimodal_model(model):
+        raise _bad_request(_MSG_URL_ERROR)
+    if multimodal and not all(isinstance(m.get("content"), list) for m in messages):
+        raise _bad_request('Content of every message should be a list of parts, e.g. [{"text": "..."}].')
+    return model, messages, parameters, sse, False
+
+
+def _check_images(route: str, model: str, messages: list[dict]) -> None:
+    """Images only on a route and a model that take them, and only the kinds the service reads."""
+    images = _image_values(messages)
+    if images and route == "text":
+        raise _bad_request(
+            "Image input is not supported on the text-generation route; send images to a vision "
+            "model on the multimodal-generation route."
+        )
+    if images and not _is_multimodal_model(model):
+        raise _bad_request(f"The model {model} does not support image input.")
+    for image in images:
+        if problem := _image_problem(image):
+            raise _bad_request(problem)
+
+
+def _check_streaming(route: str, model: str, parameters: dict[str, Any], stream: bool) -> None:
+    """Stream-only models refuse plain calls; a thinking native stream must be incremental."""
+    if not stream and only_streamed(model, parameters):
+        always = _STREAM_ONLY_RE.match(model)
+        raise _bad_request(_MSG_STREAM_ONLY if always else _MSG_THINKING_STREAM_ONLY)
+    thinking = _thinks(model, parameters.get("enable_thinking"))
+    if stream and route != "openai" and thinking and parameters.get("incremental_output") is not True:
+        raise _bad_request(_MSG_INCREMENTAL)
+
+
+def _check_markers(messages: list[dict]) -> bool:
+    """Raise the error a test marker asks for; say whether the output is to fail moderation."""
+    output_inspection = False
+    for message in messages:
+        text = _message_text(message)
+        if "[sim:" in text:
+            for name in _MARKER_RE.findall(text):
+                if name in _MARKERS:
+                    status, code, error_message = _MARKERS[name]
+                    raise _ApiError(status, code, error_message, f"error:{code}")
+                output_inspection = output_inspection or name == "OutputInspection"
+    return output_inspection
