@@ -1,4 +1,4 @@
-"""Token counting and the deterministic prose that replies are made of."""
+"""Token counting, the text of messages, and the deterministic prose that replies are made of."""
 
 from __future__ import annotations
 
