@@ -3,9 +3,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import polars as pl
 import pytest
 from click.testing import CliRunner, Result
+from simulator_support import AUTH
 
 from batchgen.cli import cli
 from batchgen.simulator import SimulatorConfig, SimulatorThread
@@ -72,3 +74,19 @@ def write_prompts(path: Path, prompts: list[str | None], **extra: list) -> Path:
     else:
         frame.write_ndjson(path)
     return path
+
+
+# Shared by the simulator's own tests (tests/test_simulator_*.py).
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimulatorThread]:
+    """One fault-free simulator per test module, shared by the tests that only look at answers."""
+    with SimulatorThread() as simulator:
+        yield simulator
+
+
+@pytest.fixture()
+def client(sim: SimulatorThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=sim.base_url, headers=AUTH, timeout=10) as http:
+        yield http
