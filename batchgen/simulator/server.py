@@ -8,7 +8,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -57,11 +57,30 @@ _BODY_LIMIT_WITHOUT_BASE64 = 16 * 1024 * 1024
 _CLIENT_MAX_SIZE = 70 * 1024 * 1024
 
 
-class Simulator:
-    """The DashScope simulator as an aiohttp server on the caller's event loop."""
+# How the simulator waits out its latency and its hangs (asyncio.sleep unless told otherwise).
+Sleep = Callable[[float], Awaitable[object]]
+# What it reads the time from, in seconds, for its quotas and stats (time.monotonic).
+Clock = Callable[[], float]
 
-    def __init__(self, config: SimulatorConfig = SimulatorConfig()) -> None:
+
+class Simulator:
+    """The DashScope simulator as an aiohttp server on the caller's event loop.
+
+    ``sleep`` is how it waits out its latency and its hangs, and ``clock`` the time its quotas
+    refill by and its stats record: ``asyncio.sleep`` and ``time.monotonic``, or a test's
+    stand-ins (a sleep that records the delays asked for, a clock that stands still).
+    """
+
+    def __init__(
+        self,
+        config: SimulatorConfig = SimulatorConfig(),
+        *,
+        sleep: Sleep = asyncio.sleep,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self.config = config
+        self._wait = sleep
+        self._clock = clock
         self.stats = SimulatorStats()
         self._rng = random.Random(config.seed)
         self._auth = f"Bearer {config.key}"
@@ -98,9 +117,9 @@ class Simulator:
         self._runner = runner
         self._stopping = False
         if self.config.rpm is not None:
-            self._bucket = TokenBucket(self.config.rpm, time.monotonic())
+            self._bucket = TokenBucket(self.config.rpm, self._clock())
         if self.config.tpm is not None:
-            self._token_bucket = TokenBucket(self.config.tpm, time.monotonic())
+            self._token_bucket = TokenBucket(self.config.tpm, self._clock())
         bound_port = runner.addresses[0][1]
         url_host = f"[{host}]" if ":" in host else host
         return f"http://{url_host}:{bound_port}/api/v1"
@@ -125,7 +144,7 @@ class Simulator:
         assert task is not None
         self._sleepers.add(task)
         try:
-            await asyncio.sleep(seconds)
+            await self._wait(seconds)
         finally:
             self._sleepers.discard(task)
 
@@ -150,7 +169,7 @@ class Simulator:
             payload = _error_payload("NotFound", "Not Found", request_id)
             return _json_response(404, payload, request_id)
 
-        now = time.monotonic()
+        now = self._clock()
         self._count_arrival(request, route, now)
         # A native stream is asked for in a header, so even the gateway's own refusals come as
         # events; an OpenAI stream is asked for in the body, and its refusals are plain JSON.
@@ -206,14 +225,14 @@ class Simulator:
         else:
             stats.outcomes[answer.outcome] += 1
             if answer.outcome.startswith("quota"):
-                stats.throttled.append(time.monotonic())
+                stats.throttled.append(self._clock())
         delivered = not truncate
         served: list[tuple[float, int]] = []
 
         def serve() -> None:
             if answer.content is not None:
                 stats.served[request_id] = answer.content
-                served.append((time.monotonic(), answer.total_tokens))
+                served.append((self._clock(), answer.total_tokens))
                 stats.answered.append(served[0])
 
         if answer.events is not None:
@@ -260,7 +279,7 @@ class Simulator:
             response_format=response_format,
         )
         if self._token_bucket is not None and not self._token_bucket.try_take(
-            time.monotonic(), reply.total_tokens
+            self._clock(), reply.total_tokens
         ):
             raise _ApiError(429, "Throttling.AllocationQuota", _MSG_TOKEN_QUOTA, "quota_tpm_429")
 

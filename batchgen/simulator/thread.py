@@ -8,16 +8,18 @@ import contextlib
 import signal
 import sys
 import threading
+import time
 
 from batchgen.simulator.config import DEMO_KEY, SimulatorConfig
-from batchgen.simulator.server import Simulator
+from batchgen.simulator.server import Clock, Simulator, Sleep
 
 
 class SimulatorThread:
     """Runs a Simulator on its own event loop in a daemon thread.
 
     For sync callers (tests, ``batchgen run --simulate``) that cannot share their thread with
-    an event loop. ``stats`` is the live object the server thread updates.
+    an event loop. ``stats`` is the live object the server thread updates; ``sleep`` and
+    ``clock`` are the :class:`Simulator`'s, and run on the server thread.
     """
 
     def __init__(
@@ -25,12 +27,15 @@ class SimulatorThread:
         config: SimulatorConfig = SimulatorConfig(),
         host: str = "127.0.0.1",
         port: int = 0,
+        *,
+        sleep: Sleep = asyncio.sleep,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.config = config
         self.host = host
         self.port = port
         self.base_url = ""
-        self._simulator = Simulator(config)
+        self._simulator = Simulator(config, sleep=sleep, clock=clock)
         self.stats = self._simulator.stats
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
