@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from typing import Any
@@ -43,9 +44,36 @@ def assert_error(response: httpx.Response, status: int, code: str, message: str)
     assert response.headers["content-type"] == "application/json"
 
 
-def post_with(config: SimulatorConfig, body: dict[str, Any], **client_options: Any) -> Any:
-    """Start a simulator with ``config``, send one text request, return (response or error, stats)."""
-    with SimulatorThread(config) as simulator:
+class Sleeps:
+    """A stand-in for the simulator's ``asyncio.sleep`` that records each delay asked for.
+
+    It returns at once, or with ``forever`` waits until cancelled (as only ``stop()`` does) and
+    records in ``cancelled`` the delays it was cancelled in. It runs on the simulator's loop;
+    read it once the simulator has stopped, or while polling.
+    """
+
+    def __init__(self, *, forever: bool = False) -> None:
+        self.forever = forever
+        self.delays: list[float] = []
+        self.cancelled: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        if self.forever:
+            try:
+                await asyncio.get_running_loop().create_future()  # never set
+            except asyncio.CancelledError:
+                self.cancelled.append(seconds)
+                raise
+
+
+def post_with(
+    config: SimulatorConfig, body: dict[str, Any], *, sleep: Sleeps | None = None, **client_options: Any
+) -> Any:
+    """Start a simulator with ``config``, send one text request, return (response or error, stats).
+
+    ``sleep`` stands in for the simulator's ``asyncio.sleep`` (its latency and hangs)."""
+    with SimulatorThread(config, sleep=sleep or asyncio.sleep) as simulator:
         options = {"timeout": 10, **client_options}
         with httpx.Client(base_url=simulator.base_url, headers=AUTH, **options) as http:
             try:

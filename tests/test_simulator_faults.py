@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from typing import Any
 
 import httpx
@@ -13,6 +12,7 @@ from simulator_support import (
     AUTH,
     HI,
     TEXT,
+    Sleeps,
     assert_error,
     post_with,
     text_body,
@@ -89,30 +89,31 @@ def test_truncate_fault_sends_half_the_promised_body() -> None:
 
 def test_hang_fault_outlasts_the_client_timeout() -> None:
     config = SimulatorConfig(fault_hang=1.0, hang_seconds=5.0)
-    started = time.monotonic()
+    hang = Sleeps(forever=True)  # a hang that ends only when cancelled
 
-    error, stats = post_with(config, text_body(), timeout=0.3)
+    error, stats = post_with(config, text_body(), sleep=hang, timeout=0.3)
 
     assert isinstance(error, httpx.ReadTimeout)
     assert stats.outcomes == {"fault_hang": 1}
-    assert time.monotonic() - started < 3  # stop() did not wait out the hang
+    assert hang.cancelled == [5.0]  # stop() did not wait out the hang: it cancelled it
 
 
 def test_hang_fault_then_answers_normally() -> None:
-    started = time.monotonic()
-    response, stats = post_with(SimulatorConfig(fault_hang=1.0, hang_seconds=0.2), text_body())
+    sleeps = Sleeps()
+    response, stats = post_with(SimulatorConfig(fault_hang=1.0, hang_seconds=0.2), text_body(), sleep=sleeps)
 
-    assert time.monotonic() - started >= 0.2
+    assert sleeps.delays == [0.2]  # the hang, waited out before the answer
     assert response.status_code == 200
     assert stats.outcomes == {"fault_hang": 1, "ok": 1}
     assert list(stats.served.values()) == [simulated_reply("qwen-plus", HI).content]
 
 
 def test_latency_delays_the_answer() -> None:
-    started = time.monotonic()
-    response, _ = post_with(SimulatorConfig(latency=0.2, jitter=0.05), text_body())
+    sleeps = Sleeps()
+    response, _ = post_with(SimulatorConfig(latency=0.2, jitter=0.05), text_body(), sleep=sleeps)
 
-    assert 0.15 <= time.monotonic() - started < 5
+    assert len(sleeps.delays) == 1
+    assert 0.15 <= sleeps.delays[0] <= 0.25  # the latency, give or take the jitter
     assert response.status_code == 200
 
 
