@@ -4,9 +4,11 @@ import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import polars as pl
 import pytest
 from click.testing import CliRunner, Result
+from simulator_support import AUTH
 
 from batchgen.cli import cli
 from batchgen.simulator import SimulatorConfig, SimulatorThread
@@ -90,3 +92,19 @@ class FakeTime:
         self.slept.append(seconds)
         self.now += max(0.0, seconds)
         await asyncio.sleep(0)
+
+
+# Shared by the simulator's own tests (tests/test_simulator_*.py).
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimulatorThread]:
+    """One fault-free simulator per test module, shared by the tests that only look at answers."""
+    with SimulatorThread() as simulator:
+        yield simulator
+
+
+@pytest.fixture()
+def client(sim: SimulatorThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=sim.base_url, headers=AUTH, timeout=10) as http:
+        yield http
