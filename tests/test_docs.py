@@ -56,7 +56,7 @@ def test_exit_codes_are_documented(code):
 
 def test_environment_variables_are_documented():
     used = set()
-    for path in (ROOT / "batchgen").glob("*.py"):
+    for path in (ROOT / "batchgen").rglob("*.py"):
         used |= set(re.findall(r'"((?:DASHSCOPE|BATCHGEN)_[A-Z_]+)"', path.read_text()))
     assert used and [v for v in sorted(used) if f"| `{v}` |" not in README] == []
 
