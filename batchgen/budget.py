@@ -83,6 +83,7 @@ def row_cost(price: ModelPrice | None, result: Any, cached_ratio: Decimal) -> De
         cached_tokens=result.cached_tokens or 0,
         thinking=billed_thinking(result.reasoning_tokens, result.reasoning),
         cached_ratio=cached_ratio,
+        batch=result.billing_mode == "batch",
     )
 
 

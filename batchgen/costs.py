@@ -21,7 +21,7 @@ from batchgen.errors import UsageError
 from batchgen.pricing import PriceTable, charge, thinking_billed_expr
 from batchgen.tables import read_metadata, read_table
 
-GROUPS = ("model", "day", "status", "finish_reason", "job")
+GROUPS = ("model", "day", "status", "finish_reason", "job", "billing_mode")
 TOKEN_COLUMNS = ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens")
 NEEDED = ("model", "status", "input_tokens", "output_tokens")
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq", ".jsonl", ".ndjson")
@@ -116,6 +116,11 @@ def _load(path: Path) -> pl.DataFrame:
         ],
         thinking_billed_expr(frame.columns).alias("thinking"),
         (
+            pl.col("billing_mode").cast(pl.String).fill_null("online")
+            if "billing_mode" in frame.columns
+            else pl.lit("online", pl.String)
+        ).alias("billing_mode"),
+        (
             pl.col("finished_at").cast(pl.String).str.slice(0, 10)
             if "finished_at" in frame.columns
             else pl.lit(None, pl.String)
@@ -168,7 +173,7 @@ def build_report(paths: list[str], prices: PriceTable, by: tuple[str, ...]) -> R
         info.append({"path": str(path), "rows": frame.height, "prices_version": meta.get("prices_version")})
     data = _tier_index(pl.concat(frames, how="vertical_relaxed"), prices)
     has_usage = (pl.col("input_tokens") + pl.col("output_tokens")) > 0
-    classes = list(dict.fromkeys([*by, "model", "tier", "thinking"]))
+    classes = list(dict.fromkeys([*by, "model", "tier", "thinking", "billing_mode"]))
     sums = data.group_by(classes, maintain_order=True).agg(
         pl.len().alias("rows"),
         *[pl.col(c).sum() for c in TOKEN_COLUMNS],
@@ -201,6 +206,7 @@ def build_report(paths: list[str], prices: PriceTable, by: tuple[str, ...]) -> R
             cached_tokens=row["cached_tokens"],
             thinking=row["thinking"],
             cached_ratio=prices.cached_ratio,
+            batch=row["billing_mode"] == "batch",
         )
         line.cost += cost
         total.cost += cost

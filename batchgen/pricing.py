@@ -4,7 +4,8 @@ Rules (``shared/dashscope-protocol.md``): a request is billed entirely at the ti
 tokens fall in; implicit-cache hits cost a fifth of the input price; a reply produced in
 thinking mode is billed at the thinking output price where the model has one. A model the
 table does not know is *unpriced*: its tokens are reported and its cost is ``None``, never 0.
-Money is computed in ``Decimal`` so totals add up to the cent.
+A line of a Batch API batch costs half of all that, with no cache discount. Money is
+computed in ``Decimal`` so totals add up to the cent.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from batchgen.errors import UsageError
 
 ENV_PRICES = "BATCHGEN_PRICES"
 MILLION = Decimal(1_000_000)
+BATCH_RATIO = Decimal("0.5")  # the Batch API's price, of the real-time one
 # Dated snapshots and aliases bill like their family unless listed themselves.
 _SNAPSHOT = re.compile(r"-(latest|\d{4}-\d{2}-\d{2}|\d{4})$")
 
@@ -55,6 +57,7 @@ class ModelPrice:
         cached_tokens: int = 0,
         thinking: bool = False,
         cached_ratio: Decimal = Decimal("0.2"),
+        batch: bool = False,
     ) -> Decimal:
         """One request's cost, at the tier its input tokens fall in."""
         return charge(
@@ -64,6 +67,7 @@ class ModelPrice:
             cached_tokens=cached_tokens,
             thinking=thinking,
             cached_ratio=cached_ratio,
+            batch=batch,
         )
 
 
@@ -75,15 +79,18 @@ def charge(
     cached_tokens: int = 0,
     thinking: bool = False,
     cached_ratio: Decimal = Decimal("0.2"),
+    batch: bool = False,
 ) -> Decimal:
     """The billing formula, the one every cost batchgen reports goes through: the run's spend,
     ``--max-cost``'s reservations, ``--dry-run``'s estimate (via ``ModelPrice.cost``) and
-    ``batchgen cost`` (on token sums of rows that share a tier, where the formula is linear)."""
-    cached = min(max(cached_tokens, 0), input_tokens)
+    ``batchgen cost`` (on token sums of rows that share a tier, where the formula is linear).
+    ``batch``: a Batch API line, half of the tier's prices (thinking output too), no cache."""
+    cached = 0 if batch else min(max(cached_tokens, 0), input_tokens)
     out_price = tier.output_thinking if thinking and tier.output_thinking is not None else tier.output
-    return (
+    cost = (
         (input_tokens - cached) * tier.input + cached * tier.input * cached_ratio + output_tokens * out_price
     ) / MILLION
+    return cost * BATCH_RATIO if batch else cost
 
 
 def billed_thinking(reasoning_tokens: int | None, reasoning: str | None) -> bool:

@@ -40,11 +40,15 @@ OUTPUT_SCHEMA: dict[str, pl.DataType] = {
     "http_status": pl.Int64(),
     "attempts": pl.Int64(),
     "latency_ms": pl.Float64(),
+    "billing_mode": pl.String(),
+    "batch_id": pl.String(),
     "finished_at": pl.Datetime("us", "UTC"),
 }
 OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA)
 
 OK, ERROR, SKIPPED = "ok", "error", "skipped"
+PENDING = "pending"  # in a batch that has not ended (batch mode): run again later
+ONLINE = "online"  # the billing_mode of a row answered by a real-time call
 
 
 @dataclass(slots=True)
@@ -68,6 +72,8 @@ class RowResult:
     http_status: int | None = None
     attempts: int | None = None
     latency_ms: float | None = None
+    billing_mode: str | None = None  # "online" or "batch": the price the row was billed at
+    batch_id: str | None = None  # the batch that answered the row, or holds it (batch mode)
     finished_at: datetime | None = None
 
 
@@ -80,6 +86,7 @@ class RunStats:
     ok: int = 0
     error: int = 0
     skipped: int = 0
+    pending: int = 0  # rows in a batch that has not ended (batch mode)
     resumed: int = 0  # rows taken from the journal instead of being sent again
     changed: int = 0  # journalled rows sent again because their request changed
     input_tokens: int = 0  # every row of the output, resumed ones included
@@ -99,7 +106,7 @@ class RunStats:
 
     @property
     def done(self) -> int:
-        return self.ok + self.error + self.skipped
+        return self.ok + self.error + self.skipped + self.pending
 
     @property
     def elapsed(self) -> float:
@@ -118,6 +125,8 @@ class RunStats:
             self.ok += 1
         elif result.status == ERROR:
             self.error += 1
+        elif result.status == PENDING:
+            self.pending += 1
         else:
             self.skipped += 1
         if result.error_code and result.status == ERROR:
@@ -177,6 +186,7 @@ def result_of(
             http_status=outcome.http_status,
             attempts=outcome.attempts,
             latency_ms=outcome.latency_ms,
+            billing_mode=ONLINE,
             finished_at=utc_now(),
         ), True
     error = outcome.error
@@ -204,6 +214,7 @@ def result_of(
         http_status=outcome.http_status,
         attempts=outcome.attempts,
         latency_ms=outcome.latency_ms,
+        billing_mode=ONLINE,
         finished_at=utc_now(),
     ), final
 
@@ -230,4 +241,6 @@ def exit_code(result: RunResult) -> int:
         return result.fatal.exit_code
     if result.stopped is not None:
         return STOP_EXIT_CODES.get(result.stopped, ExitCode.ABORTED)
+    if result.stats.pending:
+        return ExitCode.BATCH_PENDING
     return ExitCode.OK if result.stats.error == 0 and result.stats.skipped == 0 else ExitCode.ROW_ERRORS

@@ -454,3 +454,43 @@ def test_the_run_and_the_report_agree_on_which_rows_bill_as_thinking(reasoning_t
     )
     assert billed_thinking(reasoning_tokens, reasoning) is expected
     assert frame.select(thinking_billed_expr(frame.columns)).item() is expected
+
+
+@pytest.mark.parametrize(
+    ("model", "tokens", "expected"),
+    [
+        # half of 1000 × 0.40 + 500 × 1.20 = half of 0.001
+        ("qwen-plus", {"input_tokens": 1000, "output_tokens": 500}, "0.0005"),
+        # no cache discount in batch: the 500 cached tokens bill as input, half of the same 0.001
+        ("qwen-plus", {"input_tokens": 1000, "output_tokens": 500, "cached_tokens": 500}, "0.0005"),
+        # thinking output at half the thinking price: half of 2000 × 0.40 + 1000 × 4.00
+        ("qwen-plus", {"input_tokens": 2000, "output_tokens": 1000, "thinking": True}, "0.0024"),
+        # the tier is still chosen by the input tokens: half of 40000 × 2.40 + 1000 × 12.00
+        ("qwen3-max", {"input_tokens": 40000, "output_tokens": 1000}, "0.054"),
+    ],
+)
+def test_batch_lines_bill_at_half_the_tier_price_without_cache(model, tokens, expected):
+    assert cost(model, batch=True, **tokens) == Decimal(expected)
+
+
+def test_cost_report_prices_each_row_by_its_billing_mode(tmp_path):
+    rows = pl.DataFrame(
+        {
+            "model": ["qwen-plus", "qwen-plus", "qwen-plus", "qwen-plus"],
+            "status": ["ok", "ok", "ok", "error"],
+            "input_tokens": [1000, 1000, 2000, None],
+            "output_tokens": [500, 500, 1000, None],
+            "cached_tokens": [500, 500, 0, None],
+            "reasoning_tokens": [None, None, 600, None],
+            "billing_mode": ["online", "batch", "batch", "batch"],
+        }
+    )
+    rows.write_csv(tmp_path / "out.csv")
+    report = json.loads(
+        invoke(["cost", str(tmp_path / "out.csv"), "--by", "billing_mode", "--format", "json"]).stdout
+    )
+    by_mode = {g["billing_mode"]: Decimal(g["cost_usd"]) for g in report["groups"]}
+    # online: 500 × 0.40 + 500 × 0.08 (cached) + 500 × 1.20 = 0.00084
+    # batch: 0.0005 (no cache discount) + 0.0024 (thinking, half of 800 + 4000); the error is free
+    assert by_mode == {"online": Decimal("0.00084"), "batch": Decimal("0.0029")}
+    assert Decimal(report["total"]["cost_usd"]) == Decimal("0.00374")

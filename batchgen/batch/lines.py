@@ -1,0 +1,141 @@
+"""The Batch API's files, a line at a time: what batchgen uploads and what it reads back.
+
+A request line is ``{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body"}``
+with the body the real-time compatible route takes, never streamed. A result line comes in
+one of three shapes (``../shared/dashscope-protocol.md``, "Batch API"):
+
+- answered: ``"response": {"status_code": 200, "request_id", "body": <chat.completion>}``;
+- refused: ``"response": {"status_code": 400, ..., "body": {"error": {...}}}``, classified as
+  the online call's error would be (a permanent one is kept, a transient one sent again);
+- never run: ``"response": null, "error": {"code": "batch_expired" | "batch_cancelled", ...}``,
+  free, and sent again.
+
+Pure functions, tested on the recorded shapes in ``tests/test_batch_lines.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from batchgen.api.openai import interpret, parse_reply
+from batchgen.api.types import APIError, Disposition, as_dict
+from batchgen.errors import RowProblem
+from batchgen.results import ERROR, OK, RowResult, utc_now
+
+ENDPOINT = "/v1/chat/completions"  # the url of every request line, and the batch's endpoint
+MAX_LINES = 50_000  # requests in one file
+MAX_FILE_BYTES = 500 * 1024 * 1024
+MAX_LINE_BYTES = 6 * 1024 * 1024
+TOO_LARGE = "batchgen.TooLarge"
+NOT_RUN = "not run"  # the error message prefix of a line the batch ended before running
+BATCH = "batch"  # the billing_mode of a row answered in a batch
+
+
+def request_line(custom_id: str, body: Mapping[str, Any]) -> bytes:
+    """One line of an input file, newline included (the body as sent online, unstreamed)."""
+    line = {"custom_id": custom_id, "method": "POST", "url": ENDPOINT, "body": body}
+    return (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+def line_problem(line: bytes) -> RowProblem | None:
+    """A line the service would refuse for its size: that row's error, not the file's."""
+    if len(line) <= MAX_LINE_BYTES:
+        return None
+    return RowProblem(
+        TOO_LARGE,
+        f"the batch line is {len(line) / 2**20:.1f} MiB, over the Batch API's 6 MiB a line: "
+        "send fewer or smaller images (or image URLs), or a shorter prompt",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LineResult:
+    """One result line read: the row it answers, its output columns, and whether it is final
+    (an answer, or an error sending again would repeat) or the row must be sent again."""
+
+    custom_id: str
+    result: RowResult
+    final: bool
+
+
+def _error_row(
+    error: APIError, model: str, batch_id: str, attempts: int, message: str | None = None
+) -> RowResult:
+    return RowResult(
+        status=ERROR,
+        model=model,
+        request_id=error.request_id,
+        error_code=error.code,
+        error_message=message or error.message,
+        http_status=error.http_status,
+        attempts=attempts,
+        billing_mode=BATCH,
+        batch_id=batch_id,
+        finished_at=utc_now(),
+    )
+
+
+def _answered(
+    body: Mapping[str, Any], request_id: str | None, model: str, batch_id: str,
+    check_json: Callable[[str | None], bool] | None,
+) -> RowResult:  # fmt: skip
+    r = parse_reply(body, request_id)
+    return RowResult(
+        status=OK,
+        model=model,
+        reply=r.content,
+        reply_json_valid=check_json(r.content) if check_json is not None else None,
+        reasoning=r.reasoning,
+        finish_reason=r.finish_reason,
+        request_id=r.request_id,
+        input_tokens=r.input_tokens,
+        output_tokens=r.output_tokens,
+        total_tokens=r.total_tokens,
+        cached_tokens=r.cached_tokens,
+        reasoning_tokens=r.reasoning_tokens,
+        http_status=200,
+        attempts=1,
+        billing_mode=BATCH,
+        batch_id=batch_id,
+        finished_at=utc_now(),
+    )
+
+
+def read_result_line(
+    raw: str | bytes,
+    model: str,
+    batch_id: str,
+    check_json: Callable[[str | None], bool] | None = None,
+) -> LineResult | None:
+    """A line of an output or error file as a row's result; None for a line that is not one
+    (blank, not JSON, no ``custom_id``): the caller counts it, the rows stay accounted for."""
+    try:
+        line = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str):
+        return None
+    custom_id = line["custom_id"]
+    response = line.get("response")
+    if isinstance(response, dict):
+        status = response.get("status_code")
+        status = status if isinstance(status, int) and not isinstance(status, bool) else 0
+        request_id = response.get("request_id") or line.get("id")
+        request_id = request_id if isinstance(request_id, str) else None
+        body = as_dict(response.get("body"))
+        choices = body.get("choices")
+        if status == 200 and isinstance(choices, list) and choices and not body.get("error"):
+            return LineResult(custom_id, _answered(body, request_id, model, batch_id, check_json), True)
+        headers = {"x-request-id": request_id} if request_id else {}
+        outcome = interpret(status or 500, headers, json.dumps(body).encode())
+        assert isinstance(outcome, APIError)  # a 200 without choices is an error too
+        final = outcome.disposition is Disposition.ROW_ERROR
+        return LineResult(custom_id, _error_row(outcome, model, batch_id, 1), final)
+    error = as_dict(line.get("error"))
+    code = str(error.get("code") or "batch_line_failed")
+    message = f"{NOT_RUN}: {error.get('message') or code}"
+    not_run = APIError(None, code, message, None, Disposition.RETRY)
+    return LineResult(custom_id, _error_row(not_run, model, batch_id, 0), False)
