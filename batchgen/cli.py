@@ -164,7 +164,7 @@ def validate(ctx: click.Context, **options: Any) -> None:
     default="model",
     show_default=True,
     metavar="KEYS",
-    help="Group by these, comma-separated: model, day, status, finish_reason, job.",
+    help="Group by these, comma-separated: model, day, status, finish_reason, job, billing_mode.",
 )
 @click.option(
     "--format",
@@ -203,6 +203,77 @@ def cost(files: tuple[str, ...], by: str, fmt: str, prices_path: str | None, reg
     except BatchgenError as err:
         log.error("%s", err)
         sys.exit(err.exit_code)
+
+
+@cli.group()
+def batch() -> None:
+    """The Batch API batches of an output (batch mode: batchgen run --batch).
+
+    \b
+    Examples:
+      batchgen batch list answers.csv      # what the journal holds, no network
+      batchgen batch status answers.csv    # each batch not yet collected, asked of the service
+      batchgen batch cancel answers.csv    # cancel them; the next run collects what they finished
+    """
+
+
+_output_argument = click.argument("output", metavar="OUTPUT", type=click.Path(dir_okay=False, path_type=Path))
+
+
+def _service_options(command: Any) -> Any:
+    for option in reversed(
+        [
+            click.option(
+                "--base-url", help="OpenAI-compatible base URL.  [default: the region's compatible mode]"
+            ),
+            click.option("--region", type=click.Choice(["intl", "us", "cn", "hk"]), help="DashScope region."),
+            click.option("--workspace", envvar="DASHSCOPE_WORKSPACE_ID", help="X-DashScope-WorkSpace."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _batch_command(work: Any) -> None:
+    from batchgen.logs import setup_logging
+
+    log = setup_logging("text")
+    try:
+        sys.exit(work())
+    except BatchgenError as err:
+        log.error("%s", err)
+        sys.exit(err.exit_code)
+
+
+@batch.command("list")
+@_output_argument
+def batch_list(output: Path) -> None:
+    """The batches OUTPUT's journal holds: id, state, rows (no network, no key)."""
+    from batchgen.commands import batch as commands
+
+    _batch_command(lambda: commands.batch_list(output))
+
+
+@batch.command("status")
+@_output_argument
+@_service_options
+def batch_status(output: Path, base_url: str | None, region: str | None, workspace: str | None) -> None:
+    """Ask the service about each batch of OUTPUT not yet collected."""
+    from batchgen.commands import batch as commands
+
+    target = commands.BatchTarget(output, base_url, region, workspace)
+    _batch_command(lambda: commands.batch_status(target))
+
+
+@batch.command("cancel")
+@_output_argument
+@_service_options
+def batch_cancel(output: Path, base_url: str | None, region: str | None, workspace: str | None) -> None:
+    """Cancel OUTPUT's running batches; rerun batchgen run to collect what they finished."""
+    from batchgen.commands import batch as commands
+
+    target = commands.BatchTarget(output, base_url, region, workspace)
+    _batch_command(lambda: commands.batch_cancel(target))
 
 
 @cli.command()

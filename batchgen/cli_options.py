@@ -250,6 +250,38 @@ def _policy_options(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+def _batch_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Batch mode: ``options.BatchOptions``."""
+    return _stack(
+        click.option(
+            "--batch",
+            is_flag=True,
+            help="Answer through the Batch API at half price; rerun to collect (exit 6: still running).",
+        ),
+        click.option("--wait", is_flag=True, help="With --batch: poll until every batch has ended."),
+        click.option(
+            "--batch-window",
+            default="24h",
+            show_default=True,
+            metavar="WINDOW",
+            help="With --batch: the completion window, 24h to 336h (or 1d to 14d).",
+        ),
+        click.option(
+            "--batch-fallback",
+            type=click.Choice(["batch", "online", "none"]),
+            default="batch",
+            show_default=True,
+            help="Rows a batch ended without running: a new batch next run, online now, or errors.",
+        ),
+        click.option(
+            "--batch-speed",
+            type=click.FloatRange(min=0, min_open=True),
+            metavar="X",
+            help="With --simulate: the simulated batch clock runs X times real time.  [default: 3600]",
+        ),
+    )(command)
+
+
 _job_option = click.option(
     "--job",
     "job_path",
@@ -268,4 +300,5 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
         _generation_options,
         _pacing_options,
         _policy_options,
+        _batch_options,
     )(command)

@@ -26,6 +26,7 @@ class ExitCode(enum.IntEnum):
     ROW_ERRORS = 3  # finished, some rows are errors or skipped
     LOCKED = 4  # another run holds the output
     BUDGET = 5  # stopped by --max-cost
+    BATCH_PENDING = 6  # batch mode: rows wait in batches still running, nothing lost: run again later
     SIGINT = 130  # stopped by Ctrl-C
     SIGTERM = 143  # stopped by SIGTERM
 

@@ -216,6 +216,12 @@ class Journal:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{self.path}{suffix}")
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The open database, for the tables batch mode keeps beside the rows (``batch.store``)."""
+        assert self._db is not None
+        return self._db
+
     def has_rows(self) -> bool:
         assert self._db is not None
         return self._db.execute("SELECT 1 FROM rows LIMIT 1").fetchone() is not None

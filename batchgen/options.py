@@ -122,6 +122,17 @@ class PolicyOptions:
 
 
 @dataclass(frozen=True)
+class BatchOptions:
+    """Batch mode: through the Batch API at half price, results within a window."""
+
+    batch: bool = False
+    wait: bool = False
+    batch_window: str = "24h"
+    batch_fallback: str = "batch"
+    batch_speed: float | None = None  # --simulate only: the simulated batch clock's speed
+
+
+@dataclass(frozen=True)
 class OutputOptions:
     """Where the answers and the reports go."""
 
@@ -140,6 +151,7 @@ class RunOptions:
     pacing: PacingOptions
     policy: PolicyOptions
     output: OutputOptions
+    batch: BatchOptions = BatchOptions()
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> RunOptions:
@@ -166,4 +178,5 @@ _GROUPS: dict[str, type] = {
     "pacing": PacingOptions,
     "policy": PolicyOptions,
     "output": OutputOptions,
+    "batch": BatchOptions,
 }

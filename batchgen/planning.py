@@ -59,6 +59,7 @@ class PlannedRow:
     digest: str = ""
     earlier: Entry | None = None
     why: str | None = None
+    last: Entry | None = None  # the journal's entry for this very request, reusable or not
 
 
 def plan_rows(
@@ -84,8 +85,10 @@ def plan_rows(
             planned.append(PlannedRow(key, problem=body))
             continue
         digest = row_digest(body, endpoint, spec)
-        earlier, why = reuse(previous.get(key), digest, retry_errors=retry_errors)
-        planned.append(PlannedRow(key, body=body, digest=digest, earlier=earlier, why=why))
+        answers = previous.get(key)
+        earlier, why = reuse(answers, digest, retry_errors=retry_errors)
+        last = answers.get(digest) if answers else None
+        planned.append(PlannedRow(key, body=body, digest=digest, earlier=earlier, why=why, last=last))
     return planned
 
 

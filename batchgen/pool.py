@@ -36,6 +36,7 @@ from batchgen.ratelimit import Governor
 from batchgen.results import (
     ERROR,
     OK,
+    PENDING,
     SKIPPED,
     RowResult,
     RunResult,
@@ -144,6 +145,8 @@ class PoolOptions:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     clock: Callable[[], float] = time.monotonic
     transport: httpx.AsyncBaseTransport | None = None
+    # Batch mode: each planned row's result when it must not be sent (pending in a batch, ...).
+    hold: Callable[[list[PlannedRow]], list[RowResult | None]] | None = None
 
 
 class Pool:
@@ -181,7 +184,7 @@ class Pool:
         batch.results[i] = result
         self.stats.add(result, resumed=resumed)
         prices = self.options.prices
-        if prices is None or result.status == SKIPPED:
+        if prices is None or result.status in (SKIPPED, PENDING):
             return None
         model = result.model or ""
         price = self.model_price if model == self.config.model else prices.lookup(model)
@@ -216,8 +219,11 @@ class Pool:
                 endpoint=self.endpoint, lookup=journal.lookup if journal is not None else None,
                 retry_errors=self.options.retry_errors,
             )  # fmt: skip
-            for i, row in enumerate(planned):
-                if not self.settled_before_sending(batch, i, row):
+            held = self.options.hold(planned) if self.options.hold else [None] * len(planned)
+            for i, (row, kept) in enumerate(zip(planned, held, strict=True)):
+                if kept is not None:
+                    self.finish(batch, i, kept, resumed=kept.status != PENDING)
+                elif not self.settled_before_sending(batch, i, row):
                     batch.waiting += 1
                     assert row.body is not None
                     await self.queue.put(_Job(batch, i, row.key, row.body, row.digest))

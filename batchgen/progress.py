@@ -78,9 +78,10 @@ def _cost(stats: RunStats) -> str:
 
 def summary_line(stats: RunStats) -> str:
     """The one line printed at the end of every run."""
+    pending = f", {stats.pending:,} pending" if stats.pending else ""
     return (
         f"{stats.total:,} row{'s' if stats.total != 1 else ''}: {stats.ok:,} ok, {stats.error:,} error, "
-        f"{stats.skipped:,} skipped · tokens in {stats.input_tokens:,}, out "
+        f"{stats.skipped:,} skipped{pending} · tokens in {stats.input_tokens:,}, out "
         f"{stats.output_tokens:,}{_cost(stats)} · {stats.elapsed:.1f}s"
     )
 

@@ -18,7 +18,7 @@ import polars as pl
 from batchgen.budget import Budget
 from batchgen.config import RunConfig
 from batchgen.journal import Journal
-from batchgen.planning import Batch
+from batchgen.planning import Batch, PlannedRow
 from batchgen.pool import Pool, PoolOptions, RunControl
 from batchgen.pricing import PriceTable
 from batchgen.prompts import PromptSpec
@@ -46,6 +46,7 @@ async def arun_batches(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     clock: Callable[[], float] = time.monotonic,
     transport: httpx.AsyncBaseTransport | None = None,
+    hold: Callable[[list[PlannedRow]], list[RowResult | None]] | None = None,
 ) -> RunResult:
     """Answer ``total`` rows arriving in ``batches``, handing each batch, answered, to ``write``.
 
@@ -58,12 +59,14 @@ async def arun_batches(
     simulated answer is never taken for a real one.
     ``control`` stops the run from outside; a ``budget`` stops it before it could be
     overspent. ``sleep`` and ``clock`` are the pacing's and the retries' time (tests pass a
-    fake one); ``transport`` replaces the default aiohttp-backed httpx transport.
+    fake one); ``transport`` replaces the default aiohttp-backed httpx transport. ``hold``
+    (batch mode) gives, per batch of planned rows, the result of each row that must not be
+    sent (pending in a batch, collected from one), None for the rest.
     """
     options = PoolOptions(
         write=write, id_column=id_column, endpoint=endpoint, journal=journal, retry_errors=retry_errors,
         control=control, prices=prices, budget=budget, progress=progress, sleep=sleep, clock=clock,
-        transport=transport,
+        transport=transport, hold=hold,
     )  # fmt: skip
     return await Pool(total, config, spec, options).run(batches)
 

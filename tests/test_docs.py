@@ -49,7 +49,7 @@ def test_every_output_column_is_documented():
     assert [c for c in OUTPUT_COLUMNS if f"| `{c}` |" not in README] == []
 
 
-@pytest.mark.parametrize("code", [0, 1, 2, 3, 4, 5, 130, 143])
+@pytest.mark.parametrize("code", [0, 1, 2, 3, 4, 5, 6, 130, 143])
 def test_exit_codes_are_documented(code):
     assert f"| {code} |" in README
 

@@ -358,6 +358,7 @@ def test_summary_json_and_json_logs(simulator, tmp_path):
         "ok": 2,
         "error": 1,
         "skipped": 0,
+        "pending": 0,
         "resumed": 0,
         "changed": 0,
     }

@@ -40,6 +40,12 @@ def test_the_committed_nightly_job_is_valid_toml_with_known_keys(tmp_path):
     assert "input file not found: /data/exports/tickets-" in result.stderr
 
 
+def test_the_committed_batch_job_is_valid_toml_with_known_keys():
+    result = invoke(["validate", "--job", str(ROOT / "jobs" / "nightly-batch.toml")])
+    assert result.exit_code == 2
+    assert "input file not found: /data/exports/tickets.parquet" in result.stderr
+
+
 def test_placeholders_are_filled_in_utc():
     now = datetime(2026, 3, 9, 1, 2, 3, tzinfo=UTC)
     assert (

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -60,6 +61,7 @@ class Prepared:
 
 def prepare(options: RunOptions) -> Prepared:
     """Read and check everything a run needs; a ``UsageError`` names the first problem."""
+    options = _batch_mode(options)
     inputs, server = options.input, options.server
     output_format = format_of(options.output.output_path, role="output")
     if inputs.input_path.resolve() == options.output.output_path.resolve():
@@ -87,6 +89,35 @@ def prepare(options: RunOptions) -> Prepared:
         _check_json_word(parameters, sample)
     config = _config(options, spec, parameters, schema)
     return Prepared(options, source, spec, parameters, output_format, config, schema)
+
+
+_WINDOW = re.compile(r"([1-9][0-9]*)([hd])")
+
+
+def _batch_mode(options: RunOptions) -> RunOptions:
+    """Batch mode's checks; it speaks the OpenAI-compatible API (the Batch API's), whatever --api says."""
+    batch, server = options.batch, options.server
+    if not batch.batch:
+        for flag, given in (("--wait", batch.wait), ("--batch-speed", batch.batch_speed is not None)):
+            if given:
+                raise UsageError(f"{flag} is for batch mode: add --batch (or drop {flag})")
+        return options
+    if batch.batch_speed is not None and not server.simulate:
+        raise UsageError("--batch-speed sets the simulator's batch clock: use it with --simulate")
+    match = _WINDOW.fullmatch(batch.batch_window.strip())
+    hours = int(match[1]) * (24 if match[2] == "d" else 1) if match else 0
+    if not 24 <= hours <= 336:
+        raise UsageError(
+            f"--batch-window {batch.batch_window!r} is not a completion window the Batch API takes: "
+            "give 24h to 336h, or 1d to 14d"
+        )
+    if server.endpoint:
+        raise UsageError("--endpoint picks a route of the native API; the Batch API has one: drop --endpoint")
+    if server.stream:
+        raise UsageError("batch lines are never streamed: drop --stream (or --batch)")
+    if not server.to_dashscope:
+        raise UsageError("--batch needs DashScope's Batch API; this base URL is not DashScope: drop --batch")
+    return replace(options, server=replace(server, api="openai"))
 
 
 def _open_input(options: RunOptions, spec: PromptSpec) -> Source:

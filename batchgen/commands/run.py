@@ -11,13 +11,15 @@ from pathlib import Path
 import polars as pl
 
 from batchgen import __version__
+from batchgen.batch.mode import BatchRun, BatchSettings, Hold
+from batchgen.batch.remote import BatchAPI
 from batchgen.budget import Budget
 from batchgen.commands.dryrun import dry_run
 from batchgen.commands.outputs import beside, keep_other_request_set, remove_superseded, signals_deferred
 from batchgen.commands.prepare import Prepared, budget_for, prepare, price_region, prices_for, server_for_run
 from batchgen.commands.summary import RunSummary
 from batchgen.config import RunConfig
-from batchgen.errors import BatchgenError, UsageError
+from batchgen.errors import BatchgenError, FatalAPIError, UsageError
 from batchgen.journal import Journal, LockedError, journal_path
 from batchgen.logs import event
 from batchgen.options import RunOptions
@@ -30,6 +32,8 @@ from batchgen.runner import arun_batches
 from batchgen.tables import TableWriter, check_writable
 
 log = logging.getLogger("batchgen")
+
+SIMULATED_BATCH_SPEED = 3600.0  # --simulate --batch: an hour of the batch clock a second
 
 
 def run_command(options: RunOptions) -> int:
@@ -119,7 +123,8 @@ class _LockedRun:
             result = asyncio.run(self._with_signals(config, writer))
         self.summary.result = result
         target = self.output
-        finished = result.fatal is None and result.stopped is None and result.stats.ok > 0
+        stats = result.stats
+        finished = result.fatal is None and result.stopped is None and (stats.ok > 0 or stats.pending > 0)
         if self.output.exists() and not finished:
             # A stopped, refused or all-failed run never replaces earlier answers.
             target = beside(self.output, "partial")
@@ -135,7 +140,7 @@ class _LockedRun:
         return result, target, replaced
 
     def _say_resume(self, config: RunConfig) -> None:
-        if not self.journal.has_rows():
+        if not self.journal.has_rows() or self.options.batch.batch:  # batch mode says what it does
             return
         plan = plan_resume(
             self.prepared.source.batches(), config, self.prepared.spec,
@@ -153,16 +158,40 @@ class _LockedRun:
         for sig in signals:
             loop.add_signal_handler(sig, _on_signal, control, sig.name, grace)
         try:
+            hold, fatal = None, None
+            if self.options.batch.batch:
+                hold, fatal = await self._batch_pass(config, control)
             source = self.prepared.source
-            return await arun_batches(
+            result = await arun_batches(
                 source.batches(), source.total, config, self.prepared.spec, write=writer.write,
                 id_column=self.options.input.id_column, endpoint=self.metadata["endpoint"],
                 journal=self.journal, retry_errors=self.options.policy.retry_errors, control=control,
-                prices=self.prices, budget=self.budget, progress=self._progress(),
+                prices=self.prices, budget=self.budget, progress=self._progress(), hold=hold,
             )  # fmt: skip
+            if fatal is not None and result.fatal is None:
+                result.fatal, fatal.result = fatal, result
+            return result
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
+
+    async def _batch_pass(self, config: RunConfig, control: RunControl) -> tuple[Hold, FatalAPIError | None]:
+        """Batch mode before the pool: settle, collect, submit (and wait); a refusal by the
+        Batch API stops the pass, and the output is still written, every row accounted for."""
+        batch = self.options.batch
+        speed = (batch.batch_speed or SIMULATED_BATCH_SPEED) if self.options.server.simulate else 1.0
+        settings = BatchSettings(batch.batch_window, batch.wait, batch.batch_fallback, speed=speed)
+        async with BatchAPI(config) as api:
+            run = BatchRun(
+                config, self.prepared.spec, self.journal, api, settings, self.output,
+                id_column=self.options.input.id_column, endpoint=self.metadata["endpoint"],
+                retry_errors=self.options.policy.retry_errors, stopping=lambda: control.stopping,
+            )  # fmt: skip
+            try:
+                await run.prepare(self.prepared.source.batches())
+            except FatalAPIError as exc:
+                return run.hold, exc
+        return run.hold, None
 
     def _progress(self) -> Progress | JsonProgress | None:
         if self.options.output.quiet:

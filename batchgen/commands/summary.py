@@ -37,6 +37,7 @@ class RunSummary:
                 "ok": s.ok,
                 "error": s.error,
                 "skipped": s.skipped,
+                "pending": s.pending,
                 "resumed": s.resumed,
                 "changed": s.changed,
             },

@@ -1,0 +1,220 @@
+"""The Batch API's management calls: files and batches, each retried as a real-time call is.
+
+Few calls, so a plain ``httpx.AsyncClient``; 429s, 5xx and broken connections are retried
+with the run's backoff (``client.backoff_seconds``, Retry-After honoured) under tenacity. A
+create whose answer never came is *not* sent again blindly: the batch may exist, so
+``create`` raises :class:`LostAnswer` and the caller looks for it by its name first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+
+from batchgen import __version__
+from batchgen.api.faults import fatal_hint
+from batchgen.api.openai import interpret
+from batchgen.api.types import APIError, Disposition
+from batchgen.client import backoff_seconds
+from batchgen.config import RunConfig
+from batchgen.errors import FatalAPIError
+
+TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+ATTEMPTS = 8
+LIST_PAGE = 100
+
+
+class LostAnswer(Exception):
+    """A call that may have taken effect got no answer (the connection broke after sending)."""
+
+
+class _Transient(Exception):
+    def __init__(self, error: APIError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _wait(state: RetryCallState) -> float:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    retry_after = exc.error.retry_after if isinstance(exc, _Transient) else None
+    return backoff_seconds(state.attempt_number, retry_after)
+
+
+def window_seconds(window: str) -> int:
+    """``24h`` / ``2d`` as seconds (the deadline is ``created_at`` plus this: ``expires_at`` is null)."""
+    number, unit = int(window[:-1]), window[-1]
+    return number * (3600 if unit == "h" else 86400)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteBatch:
+    """A batch as the service last described it."""
+
+    id: str
+    status: str
+    input_file_id: str | None
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    completion_window: str
+    total: int
+    completed: int
+    failed: int
+    metadata: Mapping[str, Any]
+    errors: tuple[Mapping[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> RemoteBatch:
+        counts = body.get("request_counts") or {}
+        errors = (body.get("errors") or {}).get("data") or []
+        return cls(
+            id=str(body["id"]),
+            status=str(body.get("status") or "unknown"),
+            input_file_id=body.get("input_file_id"),
+            output_file_id=body.get("output_file_id"),
+            error_file_id=body.get("error_file_id"),
+            created_at=int(body.get("created_at") or 0),
+            completion_window=str(body.get("completion_window") or "24h"),
+            total=int(counts.get("total") or 0),
+            completed=int(counts.get("completed") or 0),
+            failed=int(counts.get("failed") or 0),
+            metadata=body.get("metadata") or {},
+            errors=tuple(e for e in errors if isinstance(e, dict)),
+        )
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def deadline(self) -> int:
+        return self.created_at + window_seconds(self.completion_window)
+
+
+class BatchAPI:
+    """The files and batches endpoints under the run's OpenAI-compatible base URL."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {config.api_key}", "User-Agent": f"batchgen/{__version__}"}
+        if config.workspace:
+            headers["X-DashScope-WorkSpace"] = config.workspace
+        self._http = httpx.AsyncClient(
+            base_url=config.base_url + "/", headers=headers, timeout=config.timeout, transport=transport
+        )
+        self._sleep = sleep
+
+    async def __aenter__(self) -> BatchAPI:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._http.aclose()
+
+    # -- one call ----------------------------------------------------------------------------
+    async def _once(self, method: str, path: str, *, resend: bool, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            if not resend and not isinstance(exc, httpx.ConnectError):
+                raise LostAnswer(f"{method} {path}: {type(exc).__name__}") from exc
+            error = APIError(None, "batchgen.ConnectionError", f"{type(exc).__name__}: {exc}", None,
+                             Disposition.RETRY)  # fmt: skip
+            raise _Transient(error) from exc
+        if response.status_code < 400:
+            return response
+        outcome = interpret(response.status_code, response.headers, response.content)
+        assert isinstance(outcome, APIError)
+        if outcome.disposition is Disposition.RETRY or response.status_code == 429:
+            raise _Transient(outcome)
+        raise _refused(method, path, outcome)
+
+    async def _call(self, method: str, path: str, *, resend: bool = True, **kwargs: Any) -> httpx.Response:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(ATTEMPTS), wait=_wait, retry=retry_if_exception_type(_Transient),
+            sleep=self._sleep, reraise=True,
+        )  # fmt: skip
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._once(method, path, resend=resend, **kwargs)
+        except _Transient as exc:
+            raise _refused(method, path, exc.error, f" after {ATTEMPTS} attempts") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        body = (await self._call(method, path, **kwargs)).json()
+        if not isinstance(body, dict):
+            raise FatalAPIError(f"{method} {path} answered {str(body)[:80]!r}, not a JSON object")
+        return body
+
+    # -- files -------------------------------------------------------------------------------
+    async def upload(self, name: str, path: Path) -> str:
+        """Upload a JSONL input file (``purpose=batch``); its file id."""
+        content = path.read_bytes()
+        files = {"file": (name, content, "application/jsonl")}
+        body = await self._json("POST", "files", files=files, data={"purpose": "batch"})
+        return str(body["id"])
+
+    async def lines(self, file_id: str) -> AsyncIterator[bytes]:
+        """An output or error file's lines, streamed (the file is never held whole)."""
+        response = await self._call("GET", f"files/{file_id}/content")
+        buffer = b""
+        async for chunk in response.aiter_bytes():
+            buffer += chunk
+            *whole, buffer = buffer.split(b"\n")
+            for line in whole:
+                if line.strip():
+                    yield line
+        if buffer.strip():
+            yield buffer
+
+    async def delete(self, file_id: str) -> None:
+        """Free a file's storage (10,000 files / 100 GB an account); one already gone is fine."""
+        try:
+            await self._call("DELETE", f"files/{file_id}")
+        except FatalAPIError as exc:
+            if exc.http_status != 404:
+                raise
+
+    # -- batches -----------------------------------------------------------------------------
+    async def create(self, file_id: str, window: str, metadata: Mapping[str, str]) -> RemoteBatch:
+        """Create a batch; raises :class:`LostAnswer` when it may exist without an answer."""
+        payload = {"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                   "completion_window": window, "metadata": dict(metadata)}  # fmt: skip
+        return RemoteBatch.of(await self._json("POST", "batches", json=payload, resend=False))
+
+    async def retrieve(self, batch_id: str) -> RemoteBatch:
+        return RemoteBatch.of(await self._json("GET", f"batches/{batch_id}"))
+
+    async def cancel(self, batch_id: str) -> RemoteBatch:
+        return RemoteBatch.of(await self._json("POST", f"batches/{batch_id}/cancel"))
+
+    async def find(self, name: str) -> list[RemoteBatch]:
+        """The batches whose ``metadata.ds_name`` is ``name`` (the list endpoint, every page)."""
+        found: list[RemoteBatch] = []
+        after: str | None = None
+        while True:
+            params = {"ds_name": name, "limit": LIST_PAGE, **({"after": after} if after else {})}
+            page = await self._json("GET", "batches", params=params)
+            batches = [RemoteBatch.of(b) for b in page.get("data") or []]
+            found += [b for b in batches if b.metadata.get("ds_name") == name]
+            if not page.get("has_more") or not batches:
+                return found
+            after = batches[-1].id
+
+
+def _refused(method: str, path: str, error: APIError, detail: str = "") -> FatalAPIError:
+    what = path.split("/")[0]
+    message = f"the Batch API refused {method} {what}{detail}: {fatal_hint(error)}"
+    return FatalAPIError(message, code=error.code, http_status=error.http_status)

@@ -1,0 +1,89 @@
+"""``batchgen batch list|status|cancel OUTPUT``: the batches an output's journal holds.
+
+``list`` reads the journal only; ``status`` asks the service about each batch not yet
+collected; ``cancel`` asks it to cancel them (rows it finished are kept and collected by the
+next run; the others follow ``--batch-fallback``). None of them writes the output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from batchgen.batch.remote import BatchAPI, RemoteBatch
+from batchgen.batch.store import BatchStore, Chunk
+from batchgen.config import RunConfig, api_key_from_env, no_key_message, resolve_base_url
+from batchgen.errors import UsageError
+from batchgen.journal import Journal, journal_path
+
+
+@dataclass(frozen=True)
+class BatchTarget:
+    """Whose batches: the output, and the service (``--base-url`` / ``--region`` / ``--workspace``)."""
+
+    output: Path
+    base_url: str | None = None
+    region: str | None = None
+    workspace: str | None = None
+
+    def config(self) -> RunConfig:
+        key = api_key_from_env("openai")
+        if not key:
+            raise UsageError(no_key_message("openai"))
+        url = resolve_base_url(self.base_url, self.region, api="openai")
+        return RunConfig(api_key=key, base_url=url, api="openai", workspace=self.workspace)
+
+
+def _chunks(output: Path) -> list[Chunk]:
+    path = journal_path(output)
+    if not path.exists():
+        raise UsageError(f"no journal beside {output} ({path}): no batch-mode run wrote that output")
+    with Journal(path) as journal:
+        journal.open()
+        return BatchStore(journal).chunks()
+
+
+def _line(chunk: Chunk, remote: RemoteBatch | None = None) -> str:
+    where = chunk.batch_id or "(no batch yet)"
+    if remote is None:
+        state = chunk.remote_status or chunk.state
+        return f"{where}  {chunk.state:<9}  {state:<11}  {chunk.lines:>7,} rows  {chunk.name}"
+    counts = f"{remote.completed:,} done, {remote.failed:,} failed of {remote.total:,}"
+    return f"{where}  {remote.status:<11}  {counts}  {chunk.name}"
+
+
+def batch_list(output: Path, echo: Callable[[str], None] = print) -> int:
+    chunks = _chunks(output)
+    for chunk in chunks:
+        echo(_line(chunk))
+    if not chunks:
+        echo(f"no batches in {journal_path(output)}")
+    return 0
+
+
+def batch_status(target: BatchTarget, echo: Callable[[str], None] = print) -> int:
+    return asyncio.run(_remote(target, cancel=False, echo=echo))
+
+
+def batch_cancel(target: BatchTarget, echo: Callable[[str], None] = print) -> int:
+    return asyncio.run(_remote(target, cancel=True, echo=echo))
+
+
+async def _remote(target: BatchTarget, *, cancel: bool, echo: Callable[[str], None]) -> int:
+    chunks = [c for c in _chunks(target.output) if c.batch_id and c.state == "submitted"]
+    if not chunks:
+        echo(f"no batch of {target.output} is waiting to be collected")
+        return 0
+    async with BatchAPI(target.config()) as api:
+        for chunk in chunks:
+            assert chunk.batch_id is not None
+            remote = await api.retrieve(chunk.batch_id)
+            if cancel and not remote.ended:
+                remote = await api.cancel(chunk.batch_id)
+            echo(_line(chunk, remote))
+    if cancel:
+        print("cancelled; run the same batchgen run command to collect what they finished", file=sys.stderr)
+    return 0
