@@ -166,8 +166,8 @@ class Simulator:
         client's error handling is only tested if it meets the errors in the real order.
         """
         if request.path.startswith((FILES_PATH, BATCHES_PATH)):  # the Files and Batch API
-            route = "files" if request.path.startswith(FILES_PATH) else "batches"
-            self._count_arrival(request, route, self._clock())
+            api = "files" if request.path.startswith(FILES_PATH) else "batches"
+            self._count_arrival(request, api, self._clock())
             return await self._batches.handle(request)
         request_id = str(uuid.uuid4())
         route = _ROUTES.get(request.path) if request.method == "POST" else None
