@@ -333,6 +333,59 @@ def batch_cancel(output: Path, base_url: str | None, region: str | None, workspa
     help="Share of HTTP 200 answers carrying an error code.",
 )
 @click.option("--seed", type=int, help="Seed for faults and latency, for repeatable runs.")
+@click.option(
+    "--batch-speed",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Batch API: simulated seconds per real second (3600 runs an hour of a batch in a second).",
+)
+@click.option(
+    "--batch-validation-seconds",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Batch API: simulated seconds a batch spends validating.",
+)
+@click.option(
+    "--batch-queue-seconds",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Batch API: simulated seconds in progress before the first line runs (counts stand still).",
+)
+@click.option(
+    "--batch-lines-per-second",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Batch API: lines run per simulated second.",
+)
+@click.option(
+    "--batch-finalizing-seconds",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Batch API: simulated seconds finalizing, or cancelling after a cancel.",
+)
+@click.option(
+    "--batch-fault-429",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Batch API: share of file and batch calls answered 429.",
+)
+@click.option(
+    "--batch-fault-lost-create",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Batch API: share of batch creates that create the batch but drop the answer.",
+)
+@click.option(
+    "--batch-fault-line-500",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Batch API: share of batch lines that fail with a 500.",
+)
 def simulate(host: str, port: int, key: str | None, **knobs: Any) -> None:
     """Serve a DashScope simulator for tests, demos and benchmarks.
 

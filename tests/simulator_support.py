@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -219,3 +221,119 @@ CAT_URL = "https://example.com/cat.png"
 
 def chat_body(model: str = "qwen-plus", messages: list[dict] | None = None, **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": HI if messages is None else messages, **extra}
+
+
+# The Files and Batch API (tests/test_simulator_batches*.py).
+
+EPOCH = 1_776_000_000  # the batch clock's unix time when the simulator starts
+# Ten simulated seconds validating, a line a second, five seconds finalizing.
+PACE = {"batch_validation_seconds": 10, "batch_lines_per_second": 1, "batch_finalizing_seconds": 5}
+UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+CHAT_URL = "/v1/chat/completions"  # a batch line's url and a batch's endpoint
+TEST_URL = "/v1/chat/ds-test"
+
+
+class BatchClock:
+    """The simulator's clock in a batch test: it stands still until the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@contextlib.contextmanager
+def batch_api(**knobs: Any) -> Iterator[tuple[httpx.Client, SimulatorThread, BatchClock]]:
+    """A simulator on a :class:`BatchClock` (batch time starts at :data:`EPOCH`, at speed 1
+    unless told) and a client on its compatible base URL: ``with batch_api() as (http, sim, clock)``."""
+    clock = BatchClock()
+    with (
+        SimulatorThread(SimulatorConfig(batch_epoch=EPOCH, **knobs), clock=clock) as simulator,
+        httpx.Client(base_url=simulator.compatible_base_url, headers=AUTH, timeout=30) as http,
+    ):
+        yield http, simulator, clock
+
+
+def batch_line(custom_id: str, text: str = "Hi there", *, url: str = CHAT_URL, **body: Any) -> dict[str, Any]:
+    """An input line asking qwen-plus (unless ``model=`` says otherwise) to answer ``text``."""
+    body = {"model": "qwen-plus", "messages": [{"role": "user", "content": text}], **body}
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+def jsonl(lines: list[Any]) -> bytes:
+    """JSONL of ``lines``; a str or bytes line is taken as it is."""
+    out = b""
+    for line in lines:
+        if isinstance(line, bytes):
+            out += line + b"\n"
+        elif isinstance(line, str):
+            out += line.encode() + b"\n"
+        else:
+            out += json.dumps(line, ensure_ascii=False).encode() + b"\n"
+    return out
+
+
+def upload(http: httpx.Client, content: bytes, filename: str = "input.jsonl") -> str:
+    response = http.post("/files", files={"file": (filename, content)}, data={"purpose": "batch"})
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def create_batch(
+    http: httpx.Client, lines: list[Any], *, endpoint: str = CHAT_URL, window: str = "24h", **extra: Any
+) -> dict[str, Any]:
+    """Upload ``lines`` and create a batch of them; the create answer."""
+    body = {"input_file_id": upload(http, jsonl(lines)), "endpoint": endpoint, "completion_window": window}
+    response = http.post("/batches", json={**body, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def get_batch(http: httpx.Client, batch_id: str) -> dict[str, Any]:
+    response = http.get(f"/batches/{batch_id}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def file_lines(http: httpx.Client, file_id: str) -> list[dict[str, Any]]:
+    """The JSON lines of a result file, in the order the file has them."""
+    response = http.get(f"/files/{file_id}/content")
+    assert response.status_code == 200, response.text
+    assert response.text.endswith("\n")
+    return [json.loads(line) for line in response.text.splitlines()]
+
+
+def assert_batch_error(
+    response: httpx.Response,
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None,
+    kind: str = "invalid_request_error",
+) -> None:
+    """A Files or Batch API error: OpenAI's envelope with the call's request id."""
+    assert (response.status_code, response.json()) == (
+        status,
+        {
+            "error": {"message": message, "type": kind, "param": param, "code": code},
+            "request_id": response.headers["x-request-id"],
+        },
+    )
+
+
+def counts(total: int, completed: int, failed: int) -> dict[str, int]:
+    """A batch's request_counts."""
+    return {"total": total, "completed": completed, "failed": failed}
+
+
+def run_to_end(http: httpx.Client, clock: BatchClock, batch_id: str, seconds: float = 1e4) -> dict[str, Any]:
+    """The batch once ``seconds`` have passed, which must have ended it."""
+    clock.advance(seconds)
+    batch = get_batch(http, batch_id)
+    assert batch["status"] in ("completed", "expired", "cancelled", "failed")
+    return batch

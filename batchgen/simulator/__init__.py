@@ -27,6 +27,16 @@ Both protocols share the key check, the quotas, the faults, the latency, the mod
 validation rules, the test markers, ``response_format`` (JSON object or JSON schema replies)
 and the models that answer only streamed calls (:func:`only_streamed`).
 
+Beside the chat routes, the OpenAI-compatible **Files and Batch API** (:data:`FILES_PATH`,
+:data:`BATCHES_PATH`, counted as the routes "files" and "batches"): upload a JSONL file, create
+a batch, poll it, cancel it, download its output and error files, list batches with their
+filters. A batch lives on a simulated clock, the simulator's ``clock`` times
+``SimulatorConfig.batch_speed``, and its state is computed from that time on each call, so a
+test advances a fake clock instead of sleeping, and a demo with a large speed finishes in
+seconds. Each line is answered exactly as the compatible chat route answers its body; the
+account's limits (:class:`BatchLimits`) and the batch faults (429s, lost create answers,
+lines failing with 500) are the Batch API's own, and :class:`BatchStats` records what ran.
+
 Replies are a pure function of the request (:func:`simulated_reply`), so a test can compute the
 answer it expects, and a resumed run must reproduce byte-identical results; a streamed answer
 joins up to exactly the non-streamed one. Only the fault and latency draws are random, from
@@ -46,7 +56,8 @@ and from sync code (tests, ``batchgen run --simulate``)::
 
 The modules, each building on those before it in this list:
 
-- ``config``: :class:`SimulatorConfig`, :class:`SimulatorStats`, the fault names, :data:`DEMO_KEY`.
+- ``config``: :class:`SimulatorConfig`, :class:`SimulatorStats`, :class:`BatchLimits`,
+  :class:`BatchStats`, the fault names, :data:`DEMO_KEY`.
 - ``text``: :func:`count_tokens`, cutting at a token limit, and the deterministic prose of replies.
 - ``images``: which image values the service takes, :data:`IMAGE_TOKENS` and :func:`image_id`.
 - ``jsonreplies``: the JSON schemas the simulator can answer, and a document valid against one.
@@ -57,11 +68,16 @@ The modules, each building on those before it in this list:
 - ``errors``: the service's error messages, the test markers, the OpenAI wording of each error.
 - ``validation``: request bodies checked in the service's order, on either protocol.
 - ``wire``: the JSON bodies and stream events of answers and errors, for either protocol.
+- ``files``: the account's file storage, its ids and limits, and reading a multipart upload.
+- ``batchlines``: a batch input file validated (the error codes), and each line answered.
+- ``batchstate``: a batch's life on the simulated clock, its object and its result files.
+- ``batches``: :class:`BatchService`, the Files and Batch API's routes, errors and limits.
 - ``server``: :class:`Simulator`, the aiohttp server: routes, key, quotas, faults, latency.
 - ``thread``: :class:`SimulatorThread` for sync callers and :func:`serve_forever` for the CLI.
 """
 
-from batchgen.simulator.config import DEMO_KEY, SimulatorConfig, SimulatorStats
+from batchgen.simulator.batches import BATCHES_PATH, FILES_PATH, BatchService
+from batchgen.simulator.config import DEMO_KEY, BatchLimits, BatchStats, SimulatorConfig, SimulatorStats
 from batchgen.simulator.images import IMAGE_TOKENS, image_id
 from batchgen.simulator.models import only_streamed
 from batchgen.simulator.quota import TokenBucket
@@ -71,11 +87,16 @@ from batchgen.simulator.text import count_tokens
 from batchgen.simulator.thread import SimulatorThread, serve_forever
 
 __all__ = [
+    "BATCHES_PATH",
     "COMPATIBLE_PATH",
     "DEMO_KEY",
+    "FILES_PATH",
     "IMAGE_TOKENS",
     "MULTIMODAL_PATH",
     "TEXT_PATH",
+    "BatchLimits",
+    "BatchService",
+    "BatchStats",
     "SimReply",
     "Simulator",
     "SimulatorConfig",

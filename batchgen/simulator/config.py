@@ -1,4 +1,5 @@
-"""How the simulator is configured (:class:`SimulatorConfig`) and what it counts (:class:`SimulatorStats`)."""
+"""How the simulator is configured (:class:`SimulatorConfig`, :class:`BatchLimits`) and what it counts
+(:class:`SimulatorStats`, :class:`BatchStats`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,40 @@ _FAULT_ORDER: tuple[FaultName, ...] = (
 )
 
 
+_MB = 1024 * 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchLimits:
+    """The Batch API's documented limits; the defaults are the real service's.
+
+    They are configuration so that a test can meet a limit without uploading 500 MB or
+    creating a thousand batches: ``BatchLimits(list_per_minute=2)``. The per-minute limits are
+    counted over the last 60 seconds of the simulator's clock (not the batch clock: they pace
+    the client, not the batches), and only calls let through count.
+    """
+
+    file_bytes: int = 500 * _MB  # one uploaded file
+    line_bytes: int = 6 * _MB  # one line of an input file
+    lines: int = 50_000  # requests in one input file
+    stored_files: int = 10_000  # files kept at once (inputs and results)
+    stored_bytes: int = 100 * 1024 * _MB
+    create_per_minute: int = 1000
+    retrieve_per_minute: int = 1000
+    list_per_minute: int = 100
+    cancel_per_minute: int = 1000
+    running: int = 1000  # unfinished batches at once
+    # The free batch-test-model: a file of at most 100 lines and 1 MB, two unfinished batches.
+    test_lines: int = 100
+    test_file_bytes: int = 1 * _MB
+    test_running: int = 2
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"batch limit {name} must be an integer >= 1, got {value!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class SimulatorConfig:
     """How the simulator behaves: its key, its speed, its quota and its faults.
@@ -28,6 +63,16 @@ class SimulatorConfig:
     Probabilities are per request and drawn once against their cumulative sum, so they must
     add up to at most 1. ``seed`` makes the fault and latency draws repeatable; replies never
     depend on it (they are a pure function of the request).
+
+    The ``batch_*`` fields drive the Files and Batch API (see ``batches``). Batches live on a
+    simulated clock: the simulator's ``clock`` times ``batch_speed`` (3600 makes an hour pass in
+    a second), starting at ``batch_epoch`` (unix seconds; the real time at start if None).
+    In simulated seconds, a batch validates for ``batch_validation_seconds``, then sits
+    ``batch_queue_seconds`` in progress with its counts still, runs ``batch_lines_per_second``
+    lines, and spends ``batch_finalizing_seconds`` finalizing (or cancelling). The batch faults
+    are shares, each drawn on its own: ``batch_fault_429`` of management calls answered 429,
+    ``batch_fault_lost_create`` of creates whose batch is made but whose answer is lost (the
+    connection drops), ``batch_fault_line_500`` of lines that fail with a 500.
     """
 
     key: str = DEMO_KEY
@@ -43,6 +88,16 @@ class SimulatorConfig:
     hang_seconds: float = 600.0
     fault_200_error: float = 0.0
     seed: int | None = None
+    batch_speed: float = 1.0
+    batch_epoch: float | None = None
+    batch_validation_seconds: float = 1.0
+    batch_queue_seconds: float = 0.0
+    batch_lines_per_second: float = 10.0
+    batch_finalizing_seconds: float = 1.0
+    batch_fault_429: float = 0.0
+    batch_fault_lost_create: float = 0.0
+    batch_fault_line_500: float = 0.0
+    batch_limits: BatchLimits = field(default_factory=BatchLimits)
 
     def __post_init__(self) -> None:
         # Fail at construction, where the caller can still turn it into a usage error,
@@ -65,6 +120,42 @@ class SimulatorConfig:
             total += value
         if total > 1.0 + 1e-9:
             raise ValueError(f"fault probabilities add up to {total:g}, more than 1")
+        self._check_batch_fields()
+
+    def _check_batch_fields(self) -> None:
+        for name in ("batch_speed", "batch_lines_per_second"):
+            value = getattr(self, name)
+            if not value > 0:  # also rejects NaN
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        for name in ("batch_validation_seconds", "batch_queue_seconds", "batch_finalizing_seconds"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        for name in ("batch_fault_429", "batch_fault_lost_create", "batch_fault_line_500"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+
+
+@dataclass
+class BatchStats:
+    """What the Files and Batch API saw, for tests to assert on.
+
+    ``executed`` lists each line that ran, as (batch id, custom_id), in the order it ran: a
+    line never runs twice, so a test can check that no request was paid for twice, and lines
+    not run (expired, cancelled) are absent. ``created`` lists every batch made, those whose
+    create answer was lost (``lost_creates``) too. ``calls`` counts the management calls per
+    kind (upload, file_retrieve, file_list, file_content, file_delete, create, retrieve, list,
+    cancel), every call that reached the route, and ``throttled`` the 429s sent per kind.
+    """
+
+    files_uploaded: int = 0
+    files_deleted: int = 0
+    created: list[str] = field(default_factory=list)
+    lost_creates: list[str] = field(default_factory=list)
+    executed: list[tuple[str, str]] = field(default_factory=list)
+    calls: collections.Counter[str] = field(default_factory=collections.Counter)
+    throttled: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 @dataclass
@@ -80,6 +171,8 @@ class SimulatorStats:
     ``routes`` the requests per route ("text", "multimodal", "openai"), and ``streamed`` the
     answers sent as an event stream: successes, cut streams, and the native errors delivered
     as an ``event:error`` (an OpenAI stream's errors are plain JSON and do not count).
+    The Files and Batch API's calls count in ``requests``, ``arrivals`` and ``routes``
+    ("files", "batches") but not in ``outcomes``; what they did is in ``batch``.
     """
 
     requests: int = 0
@@ -91,3 +184,4 @@ class SimulatorStats:
     answered: list[tuple[float, int]] = field(default_factory=list)  # (when, total tokens) per ok
     streamed: int = 0
     routes: collections.Counter[str] = field(default_factory=collections.Counter)
+    batch: BatchStats = field(default_factory=BatchStats)

@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from batchgen.simulator.batches import BATCHES_PATH, FILES_PATH, BatchService
 from batchgen.simulator.config import _FAULT_ORDER, FaultName, SimulatorConfig, SimulatorStats
 from batchgen.simulator.errors import (
     _MSG_INVALID_KEY,
@@ -93,6 +94,7 @@ class Simulator:
             if probability > 0:
                 cumulative += probability
                 self._fault_thresholds.append((cumulative, name))
+        self._batches = BatchService(config, self.stats, clock)
         self._runner: web.AppRunner | None = None
         self._sleepers: set[asyncio.Task[Any]] = set()
         self._stopping = False
@@ -163,6 +165,10 @@ class Simulator:
         The order is observable (a throttled request with a bad body gets 429, not 400), and a
         client's error handling is only tested if it meets the errors in the real order.
         """
+        if request.path.startswith((FILES_PATH, BATCHES_PATH)):  # the Files and Batch API
+            api = "files" if request.path.startswith(FILES_PATH) else "batches"
+            self._count_arrival(request, api, self._clock())
+            return await self._batches.handle(request)
         request_id = str(uuid.uuid4())
         route = _ROUTES.get(request.path) if request.method == "POST" else None
         if route is None:
