@@ -386,6 +386,12 @@ def batch_cancel(output: Path, base_url: str | None, region: str | None, workspa
     default=0.0,
     help="Batch API: share of batch lines that fail with a 500.",
 )
+@click.option(
+    "--batch-hang-after",
+    multiple=True,
+    metavar="KIND",
+    help="Batch API: this call (upload, create, ...) takes effect, then hangs --hang-seconds.",
+)
 def simulate(host: str, port: int, key: str | None, **knobs: Any) -> None:
     """Serve a DashScope simulator for tests, demos and benchmarks.
 

@@ -145,8 +145,9 @@ class PoolOptions:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     clock: Callable[[], float] = time.monotonic
     transport: httpx.AsyncBaseTransport | None = None
-    # Batch mode: each planned row's result when it must not be sent (pending in a batch, ...).
-    hold: Callable[[list[PlannedRow]], list[RowResult | None]] | None = None
+    # Batch mode: each planned row's result when it must not be sent (pending in a batch, ...),
+    # and whether it counts as resumed.
+    hold: Callable[[list[PlannedRow]], list[tuple[RowResult, bool] | None]] | None = None
 
 
 class Pool:
@@ -222,7 +223,7 @@ class Pool:
             held = self.options.hold(planned) if self.options.hold else [None] * len(planned)
             for i, (row, kept) in enumerate(zip(planned, held, strict=True)):
                 if kept is not None:
-                    self.finish(batch, i, kept, resumed=kept.status != PENDING)
+                    self.finish(batch, i, kept[0], resumed=kept[1])
                 elif not self.settled_before_sending(batch, i, row):
                     batch.waiting += 1
                     assert row.body is not None

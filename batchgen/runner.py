@@ -46,7 +46,7 @@ async def arun_batches(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     clock: Callable[[], float] = time.monotonic,
     transport: httpx.AsyncBaseTransport | None = None,
-    hold: Callable[[list[PlannedRow]], list[RowResult | None]] | None = None,
+    hold: Callable[[list[PlannedRow]], list[tuple[RowResult, bool] | None]] | None = None,
 ) -> RunResult:
     """Answer ``total`` rows arriving in ``batches``, handing each batch, answered, to ``write``.
 

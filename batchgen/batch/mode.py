@@ -51,7 +51,7 @@ from batchgen.results import ERROR, PENDING, SKIPPED, RowResult, from_journal, u
 log = logging.getLogger("batchgen")
 
 FALLBACKS = ("batch", "online", "none")
-Hold = Callable[[list[PlannedRow]], list[RowResult | None]]  # the pool's ``hold``
+Hold = Callable[[list[PlannedRow]], "list[tuple[RowResult, bool] | None]"]  # the pool's ``hold``
 MISSING = "batchgen.BatchLineMissing"
 
 
@@ -110,6 +110,8 @@ class BatchRun:
 
     async def settle_chunk(self, chunk: Chunk) -> RemoteBatch | None:
         if chunk.state == FORMED:  # killed before its upload was recorded: no batch can exist
+            for file_id in await self.api.files_named(f"{chunk.name}.jsonl"):
+                await self.free(file_id)  # an upload whose answer never came
             self.store.close(chunk.name, ABANDONED)
             return None
         if chunk.state == UPLOADED:  # killed between upload and create: did the create happen?
@@ -244,12 +246,24 @@ class BatchRun:
         try:
             remote = await self.api.create(file_id, self.settings.window, metadata)
         except LostAnswer:
-            found = await self.api.find(name)
-            remote = found[0] if found else await self.api.create(file_id, self.settings.window, metadata)
+            remote = await self.created_after_all(name, file_id, metadata)
         self.store.set_batch(name, remote.id, remote.status)
         self.submitted += len(chunk.rows)
         log.info("submitted batch %s: %s rows (%s)", remote.id, f"{len(chunk.rows):,}", name)
         chunk.reset()
+
+    async def created_after_all(self, name: str, file_id: str, metadata: dict[str, str]) -> RemoteBatch:
+        """A create whose answer was lost: the batch it made, else one more create."""
+        found = await self.api.find(name)
+        if found:
+            return found[0]
+        try:
+            return await self.api.create(file_id, self.settings.window, metadata)
+        except LostAnswer:
+            raise FatalAPIError(
+                f"the Batch API did not answer two creates of {name}: run the same command again "
+                "later; it looks the batch up before sending anything again"
+            ) from None
 
     # -- 3. wait -----------------------------------------------------------------------------
     async def wait(self) -> None:
@@ -269,27 +283,37 @@ class BatchRun:
             seconds -= step
 
     # -- the output --------------------------------------------------------------------------
-    def hold(self, planned: list[PlannedRow]) -> list[RowResult | None]:
-        """What the pool writes for each row instead of sending it (None: the pool decides).
+    def hold(self, planned: list[PlannedRow]) -> list[tuple[RowResult, bool] | None]:
+        """What the pool writes for each row instead of sending it, and whether it counts as
+        resumed (paid by an earlier run); None: the pool decides.
 
         Batch mode sends nothing online but the rows ``--batch-fallback online`` hands over.
         """
         held = self.store.held([row.key for row in planned])
-        out: list[RowResult | None] = []
+        out: list[tuple[RowResult, bool] | None] = []
         for row in planned:
-            if row.problem is not None or row.earlier is not None:
-                out.append(None)
-            elif (row.key, row.digest) in held:
-                batch_id = held[(row.key, row.digest)]
-                out.append(RowResult(PENDING, model=self.config.model, billing_mode=BATCH, batch_id=batch_id))
-            elif self.settings.fallback == "online" and self.leftover(row.last):
-                out.append(None)
-            elif row.last is not None:
-                out.append(from_journal(row.last))
-            else:
-                out.append(RowResult(SKIPPED, model=self.config.model, attempts=0,
-                                     error_message="not submitted: the run stopped first"))  # fmt: skip
+            out.append(self.held_result(row, held))
         return out
+
+    def held_result(
+        self, row: PlannedRow, held: dict[tuple[str, str], str | None]
+    ) -> tuple[RowResult, bool] | None:
+        if row.problem is not None:
+            return None
+        if row.earlier is not None:  # answered: by this run's collection, or before it
+            collected_now = row.earlier.result.get("batch_id") in self.collected_now
+            return (from_journal(row.earlier), False) if collected_now else None
+        if (row.key, row.digest) in held:
+            batch_id = held[(row.key, row.digest)]
+            return RowResult(PENDING, model=self.config.model, billing_mode=BATCH, batch_id=batch_id), False
+        if self.settings.fallback == "online" and self.leftover(row.last):
+            return None
+        if row.last is not None:
+            return from_journal(row.last), row.last.result.get("batch_id") not in self.collected_now
+        skipped = RowResult(
+            SKIPPED, model=self.config.model, attempts=0, error_message="not submitted: the run stopped first"
+        )
+        return skipped, False
 
 
 def _unanswered(row: ChunkRow, remote: RemoteBatch, bad_lines: dict[int, Any], model: str) -> LineResult:

@@ -160,11 +160,19 @@ class BatchAPI:
 
     # -- files -------------------------------------------------------------------------------
     async def upload(self, name: str, path: Path) -> str:
-        """Upload a JSONL input file (``purpose=batch``); its file id."""
+        """Upload a JSONL input file (``purpose=batch``); its file id. An upload whose answer
+        was lost is looked for by ``name`` before it is sent again (storage is limited)."""
         content = path.read_bytes()
-        files = {"file": (name, content, "application/jsonl")}
-        body = await self._json("POST", "files", files=files, data={"purpose": "batch"})
-        return str(body["id"])
+        for _ in range(ATTEMPTS):
+            files = {"file": (name, content, "application/jsonl")}
+            try:
+                body = await self._json("POST", "files", files=files, data={"purpose": "batch"}, resend=False)
+                return str(body["id"])
+            except LostAnswer:
+                stored = await self.files_named(name)
+                if stored:
+                    return stored[0]
+        raise FatalAPIError(f"the Batch API never answered the upload of {name}: try again later")
 
     async def lines(self, file_id: str) -> AsyncIterator[bytes]:
         """An output or error file's lines, streamed (the file is never held whole)."""
@@ -178,6 +186,19 @@ class BatchAPI:
                     yield line
         if buffer.strip():
             yield buffer
+
+    async def files_named(self, filename: str) -> list[str]:
+        """The ids of stored files called ``filename`` (every page of the file list)."""
+        found: list[str] = []
+        after: str | None = None
+        while True:
+            params = {"limit": 1000, **({"after": after} if after else {})}
+            page = await self._json("GET", "files", params=params)
+            files = [f for f in page.get("data") or [] if isinstance(f, dict) and f.get("id")]
+            found += [str(f["id"]) for f in files if f.get("filename") == filename]
+            if not page.get("has_more") or not files:
+                return found
+            after = str(files[-1]["id"])
 
     async def delete(self, file_id: str) -> None:
         """Free a file's storage (10,000 files / 100 GB an account); one already gone is fine."""

@@ -36,6 +36,14 @@ log = logging.getLogger("batchgen")
 # The demo simulator answers like a real endpoint: a little latency, no faults.
 SIMULATE_LATENCY = 0.2
 SIMULATE_JITTER = 0.1
+SIMULATED_BATCH_SPEED = 3600.0  # --simulate --batch: an hour of the batch clock a second
+
+
+def batch_speed(options: RunOptions) -> float:
+    """How much faster than real time batches run (the simulator's; 1 for a real service)."""
+    if not options.server.simulate:
+        return 1.0
+    return options.batch.batch_speed or SIMULATED_BATCH_SPEED
 
 
 @dataclass
@@ -115,9 +123,10 @@ def _batch_mode(options: RunOptions) -> RunOptions:
         raise UsageError("--endpoint picks a route of the native API; the Batch API has one: drop --endpoint")
     if server.stream:
         raise UsageError("batch lines are never streamed: drop --stream (or --batch)")
+    server = replace(server, api="openai")
     if not server.to_dashscope:
         raise UsageError("--batch needs DashScope's Batch API; this base URL is not DashScope: drop --batch")
-    return replace(options, server=replace(server, api="openai"))
+    return replace(options, server=server)
 
 
 def _open_input(options: RunOptions, spec: PromptSpec) -> Source:
@@ -279,7 +288,8 @@ def server_for_run(prepared: Prepared) -> Iterator[RunConfig]:
     from batchgen.simulator import SimulatorConfig, SimulatorThread
 
     # The simulator gets its own demo key: a real key never leaves for a local test server.
-    sim_config = SimulatorConfig(latency=SIMULATE_LATENCY, jitter=SIMULATE_JITTER)
+    speed = batch_speed(prepared.options)
+    sim_config = SimulatorConfig(latency=SIMULATE_LATENCY, jitter=SIMULATE_JITTER, batch_speed=speed)
     with SimulatorThread(sim_config) as simulator:
         url = simulator.base_url
         api = prepared.options.server.api

@@ -16,7 +16,15 @@ from batchgen.batch.remote import BatchAPI
 from batchgen.budget import Budget
 from batchgen.commands.dryrun import dry_run
 from batchgen.commands.outputs import beside, keep_other_request_set, remove_superseded, signals_deferred
-from batchgen.commands.prepare import Prepared, budget_for, prepare, price_region, prices_for, server_for_run
+from batchgen.commands.prepare import (
+    Prepared,
+    batch_speed,
+    budget_for,
+    prepare,
+    price_region,
+    prices_for,
+    server_for_run,
+)
 from batchgen.commands.summary import RunSummary
 from batchgen.config import RunConfig
 from batchgen.errors import BatchgenError, FatalAPIError, UsageError
@@ -32,8 +40,6 @@ from batchgen.runner import arun_batches
 from batchgen.tables import TableWriter, check_writable
 
 log = logging.getLogger("batchgen")
-
-SIMULATED_BATCH_SPEED = 3600.0  # --simulate --batch: an hour of the batch clock a second
 
 
 def run_command(options: RunOptions) -> int:
@@ -123,8 +129,9 @@ class _LockedRun:
             result = asyncio.run(self._with_signals(config, writer))
         self.summary.result = result
         target = self.output
-        stats = result.stats
-        finished = result.fatal is None and result.stopped is None and (stats.ok > 0 or stats.pending > 0)
+        # Batch mode's output is the journal's state, whatever it holds (all pending, all refused).
+        answered = result.stats.ok > 0 or self.options.batch.batch
+        finished = result.fatal is None and result.stopped is None and answered
         if self.output.exists() and not finished:
             # A stopped, refused or all-failed run never replaces earlier answers.
             target = beside(self.output, "partial")
@@ -179,7 +186,7 @@ class _LockedRun:
         """Batch mode before the pool: settle, collect, submit (and wait); a refusal by the
         Batch API stops the pass, and the output is still written, every row accounted for."""
         batch = self.options.batch
-        speed = (batch.batch_speed or SIMULATED_BATCH_SPEED) if self.options.server.simulate else 1.0
+        speed = batch_speed(self.options)
         settings = BatchSettings(batch.batch_window, batch.wait, batch.batch_fallback, speed=speed)
         async with BatchAPI(config) as api:
             run = BatchRun(

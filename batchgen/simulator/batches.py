@@ -34,6 +34,7 @@ latency of the chat routes do not apply here: the Batch API has its own (``batch
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import datetime
 import json
@@ -116,6 +117,7 @@ class BatchService:
         self._batches: dict[str, _Batch] = {}
         self._runner = _Runner(config, self._files, self._stats)
         self._calls: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._hung: set[str] = set()  # batch_hang_after kinds that have hung once
         self._per_minute = {
             "create": self._limits.create_per_minute,
             "retrieve": self._limits.retrieve_per_minute,
@@ -178,6 +180,9 @@ class BatchService:
             return _refusal(refusal, request_id)
         except _FileRefused as refused:
             return _refusal(_Refusal(400, refused.message, refused.param), request_id)
+        if kind in self._config.batch_hang_after and kind not in self._hung:  # a crash's moment
+            self._hung.add(kind)  # the first such call only: the rerun after the crash goes through
+            await asyncio.sleep(self._config.hang_seconds)
         if isinstance(answer, dict):
             return _json_response(200, answer, request_id)
         if not answer.prepared:

@@ -72,7 +72,10 @@ class SimulatorConfig:
     lines, and spends ``batch_finalizing_seconds`` finalizing (or cancelling). The batch faults
     are shares, each drawn on its own: ``batch_fault_429`` of management calls answered 429,
     ``batch_fault_lost_create`` of creates whose batch is made but whose answer is lost (the
-    connection drops), ``batch_fault_line_500`` of lines that fail with a 500.
+    connection drops), ``batch_fault_line_500`` of lines that fail with a 500. The management
+    calls named in ``batch_hang_after`` (``upload``, ``create``, ``file_content``, ...) take
+    effect, then hang for ``hang_seconds`` before answering, the first time each: a client
+    killed meanwhile has had its call carried out without learning it (the crash tests' moment).
     """
 
     key: str = DEMO_KEY
@@ -97,6 +100,7 @@ class SimulatorConfig:
     batch_fault_429: float = 0.0
     batch_fault_lost_create: float = 0.0
     batch_fault_line_500: float = 0.0
+    batch_hang_after: tuple[str, ...] = ()
     batch_limits: BatchLimits = field(default_factory=BatchLimits)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,346 @@
+"""Batch mode end to end: ``batchgen run --batch`` against the simulator's Batch API.
+
+The simulator runs its batches on a :class:`BatchClock` the tests advance, so a batch is
+validating, running or ended exactly when a test says; nothing here waits in real time but
+the crash tests, which kill a real ``batchgen`` process while the simulator holds a call.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import polars as pl
+import pytest
+from conftest import KEY, invoke, write_prompts
+from simulator_support import EPOCH, BatchClock
+
+from batchgen.simulator import SimulatorConfig, SimulatorThread
+
+IDS = [f"r{i:03d}" for i in range(12)]
+PROMPTS = [f"Question {i}: name a colour." for i in range(12)]
+DAY = 86_400
+
+
+@pytest.fixture
+def batch_sim() -> Iterator[Callable[..., tuple[SimulatorThread, BatchClock]]]:
+    started: list[SimulatorThread] = []
+
+    def start(**knobs: object) -> tuple[SimulatorThread, BatchClock]:
+        clock = BatchClock()
+        config = SimulatorConfig(key=KEY, batch_epoch=EPOCH, **knobs)  # type: ignore[arg-type]
+        sim = SimulatorThread(config, clock=clock)
+        sim.start()
+        started.append(sim)
+        return sim, clock
+
+    yield start
+    for sim in started:
+        sim.stop()
+
+
+def batch_run(sim: SimulatorThread, *extra: str, out: str = "out.csv"):
+    return invoke(["run", "in.csv", "-o", out, "--batch", "--id-column", "id", *extra], sim)
+
+
+def read(out: str = "out.csv") -> pl.DataFrame:
+    return pl.read_csv(out, infer_schema_length=0)
+
+
+def stored_files(sim: SimulatorThread) -> list[dict]:
+    url = sim.base_url.replace("/api/v1", "/compatible-mode/v1/files")
+    return httpx.get(url, headers={"Authorization": f"Bearer {KEY}"}).json()["data"]
+
+
+def executed(sim: SimulatorThread) -> Counter[str]:
+    return Counter(custom_id for _, custom_id in sim.stats.batch.executed)
+
+
+def test_submit_then_collect_answers_every_row_once_at_batch_price(batch_sim, tmp_path):
+    sim, clock = batch_sim()
+    write_prompts(tmp_path / "in.csv", PROMPTS)
+
+    first = batch_run(sim)
+    assert first.exit_code == 6, first.stderr
+    out = read()
+    assert out["id"].to_list() == IDS and set(out["status"]) == {"pending"}
+    assert out["batch_id"].n_unique() == 1 and out["batch_id"][0].startswith("batch_")
+    assert set(out["billing_mode"]) == {"batch"} and out["reply"].null_count() == 12
+    assert "12 pending" in first.stderr
+
+    again = batch_run(sim)  # still validating: nothing is sent again
+    assert again.exit_code == 6 and read()["status"].to_list() == ["pending"] * 12
+    assert len(sim.stats.batch.created) == 1 and sim.stats.batch.files_uploaded == 1
+
+    clock.advance(DAY / 2)
+    done = batch_run(sim)
+    assert done.exit_code == 0, done.stderr
+    out = read()
+    assert out["id"].to_list() == IDS and set(out["status"]) == {"ok"}
+    assert set(out["billing_mode"]) == {"batch"} and out["batch_id"].n_unique() == 1
+    assert executed(sim) == Counter(IDS)  # each line ran once
+    assert stored_files(sim) == []  # input and output files deleted once collected
+
+    online = invoke(["run", "in.csv", "-o", "online.csv", "--api", "openai", "--id-column", "id"], sim)
+    assert online.exit_code == 0
+    assert read("online.csv")["reply"].to_list() == out["reply"].to_list()  # the same answers
+
+    # Half the real-time price: qwen-plus 0.40 / 1.20 per 1M tokens, halved.
+    tokens_in = sum(int(v) for v in out["input_tokens"])
+    tokens_out = sum(int(v) for v in out["output_tokens"])
+    expected = (tokens_in * 0.40 + tokens_out * 1.20) / 2 / 1e6
+    assert f"${expected:.4f} spent" in done.stderr
+    report = invoke(["cost", "out.csv", "online.csv", "--by", "billing_mode", "--format", "json"])
+    costs = {
+        g["billing_mode"]: float(g["cost_usd"]) for g in __import__("json").loads(report.stdout)["groups"]
+    }
+    assert costs["batch"] == pytest.approx(expected) and costs["online"] == pytest.approx(2 * expected)
+
+    assert batch_run(sim).exit_code == 0  # nothing left: no new batch
+    assert len(sim.stats.batch.created) == 1
+
+
+def test_wait_with_the_simulator_finishes_in_one_command(tmp_path):
+    write_prompts(tmp_path / "in.csv", PROMPTS)
+    result = invoke(["run", "in.csv", "-o", "out.csv", "--batch", "--wait", "--simulate"], key=None)
+    assert result.exit_code == 0, result.stderr
+    assert set(read()["status"]) == {"ok"} and "collected batch" in result.stderr
+
+
+def test_expired_batch_keeps_what_finished_and_the_rest_go_in_a_new_batch_next_run(batch_sim, tmp_path):
+    # Four lines run before the 24 h deadline (one every 20,000 s), the others expire.
+    sim, clock = batch_sim(batch_validation_seconds=0, batch_lines_per_second=1 / 20_000)
+    write_prompts(tmp_path / "in.csv", PROMPTS)
+    assert batch_run(sim).exit_code == 6
+    clock.advance(DAY + 10)
+    collected = batch_run(sim)
+    assert collected.exit_code == 3, collected.stderr  # leftovers are errors until the next run
+    out = read()
+    assert out["status"].to_list().count("ok") == 4
+    leftovers = out.filter(pl.col("status") == "error")
+    assert set(leftovers["error_code"]) == {"batch_expired"} and leftovers.height == 8
+    assert set(leftovers["attempts"]) == {"0"} and leftovers["input_tokens"].null_count() == 8
+    assert len(sim.stats.batch.created) == 1  # not sent again in the run that collected them
+
+    assert batch_run(sim).exit_code == 6  # the next run: a new batch of the 8 only
+    assert len(sim.stats.batch.created) == 2
+    rounds = 0
+    while set(read()["status"]) != {"ok"} and rounds < 10:  # 4 lines a day: collect, resubmit, ...
+        clock.advance(DAY + 10)
+        batch_run(sim)
+        rounds += 1
+    assert executed(sim) == Counter(IDS)  # no row paid twice
+    assert set(read()["status"]) == {"ok"}
+
+
+def test_cancelled_batch_with_online_fallback_sends_the_rest_online(batch_sim, tmp_path):
+    sim, clock = batch_sim(batch_validation_seconds=0, batch_lines_per_second=1 / 100)
+    write_prompts(tmp_path / "in.csv", PROMPTS)
+    assert batch_run(sim).exit_code == 6
+    clock.advance(350)  # three lines done
+    env = {"DASHSCOPE_HTTP_BASE_URL": sim.base_url, "DASHSCOPE_API_KEY": KEY}
+    listed = invoke(["batch", "status", "out.csv"], sim)
+    assert listed.exit_code == 0 and "in_progress" in listed.stdout and "3 done" in listed.stdout, (
+        listed.stdout
+    )
+    cancelled = invoke(["batch", "cancel", "out.csv"], sim)
+    assert cancelled.exit_code == 0 and "cancelling" in cancelled.stdout
+    del env
+    clock.advance(60)
+    result = batch_run(sim, "--batch-fallback", "online")
+    assert result.exit_code == 0, result.stderr
+    out = read()
+    assert set(out["status"]) == {"ok"}
+    modes = Counter(out["billing_mode"])
+    assert modes == {"batch": 3, "online": 9}
+    assert sim.stats.outcomes["ok"] == 9  # the online calls: only the rows the batch never ran
+    assert executed(sim) == Counter(out.filter(pl.col("billing_mode") == "batch")["id"].to_list())
+
+
+def test_fallback_none_leaves_rows_a_batch_did_not_run_as_errors(batch_sim, tmp_path):
+    sim, clock = batch_sim(batch_validation_seconds=0, batch_lines_per_second=1 / 100)
+    write_prompts(tmp_path / "in.csv", PROMPTS)
+    assert batch_run(sim, "--batch-fallback", "none").exit_code == 6
+    clock.advance(250)
+    assert invoke(["batch", "cancel", "out.csv"], sim).exit_code == 0
+    clock.advance(60)
+    for _ in range(2):  # collecting, and one more run: nothing is sent again
+        result = batch_run(sim, "--batch-fallback", "none")
+        assert result.exit_code == 3
+        out = read()
+        assert Counter(out["status"]) == {"ok": 2, "error": 10}
+        assert set(out.filter(pl.col("status") == "error")["error_code"]) == {"batch_cancelled"}
+    assert len(sim.stats.batch.created) == 1 and sim.stats.outcomes["ok"] == 0
+
+
+def test_a_refused_line_is_kept_and_never_sent_again(batch_sim, tmp_path):
+    prompts = [*PROMPTS[:10], "Tell me [sim:DataInspectionFailed]", "Fine"]
+    sim, clock = batch_sim()
+    write_prompts(tmp_path / "in.csv", prompts)
+    assert batch_run(sim).exit_code == 6
+    clock.advance(DAY / 2)
+    for _ in range(2):  # collecting it, then a run that has nothing to send
+        assert batch_run(sim).exit_code == 3
+        out = read()
+        assert out.filter(pl.col("status") != "ok")["id"].to_list() == ["r010"]
+        refused = out.row(10, named=True)
+        assert (refused["error_code"], refused["http_status"]) == ("data_inspection_failed", "400")
+        assert refused["billing_mode"] == "batch" and refused["batch_id"] == out["batch_id"][0]
+    assert len(sim.stats.batch.created) == 1
+
+
+def test_lines_that_failed_transiently_go_in_the_next_batch(batch_sim, tmp_path):
+    sim, clock = batch_sim(batch_fault_line_500=0.4, seed=3)
+    write_prompts(tmp_path / "in.csv", PROMPTS)
+    assert batch_run(sim).exit_code == 6
+    clock.advance(DAY / 2)
+    assert batch_run(sim).exit_code == 3
+    failed = read().filter(pl.col("error_code") == "internal_error")
+    assert failed.height > 0 and set(failed["http_status"]) == {"500"}
+    rounds = 0
+    while set(read()["status"]) != {"ok"} and rounds < 20:
+        batch_run(sim)  # submits the failed ones
+        clock.advance(DAY / 2)
+        batch_run(sim)  # collects them
+        rounds += 1
+    assert set(read()["status"]) == {"ok"} and len(sim.stats.batch.created) == rounds + 1
+    ran = executed(sim)
+    assert set(ran) == set(IDS) and ran.total() > len(IDS)  # the failed lines ran again, the others once
+    assert all(ran[i] == 1 for i in IDS if i not in set(failed["id"]))
+
+
+def test_a_model_the_batch_api_refuses_fails_validation_row_by_row(batch_sim, tmp_path):
+    sim, clock = batch_sim()
+    write_prompts(tmp_path / "in.csv", PROMPTS[:3])
+    assert batch_run(sim, "-m", "qwen-no-such-model").exit_code == 6
+    clock.advance(100)
+    result = batch_run(sim, "-m", "qwen-no-such-model")
+    assert result.exit_code == 3, result.stderr
+    out = read()
+    assert set(out["status"]) == {"error"} and set(out["error_code"]) == {"model_not_found"}
+    assert batch_run(sim, "-m", "qwen-no-such-model").exit_code == 3
+    assert len(sim.stats.batch.created) == 1  # a line the service named is not sent again
+
+
+def test_a_line_over_six_mib_is_that_rows_error_and_is_never_uploaded(batch_sim, tmp_path):
+    sim, clock = batch_sim()
+    write_prompts(tmp_path / "in.csv", ["short", "x " * (3 * 1024 * 1024 + 10), "short too"])
+    assert batch_run(sim).exit_code == 6
+    clock.advance(DAY / 2)
+    assert batch_run(sim).exit_code == 3
+    out = read()
+    assert out["status"].to_list() == ["ok", "error", "ok"]
+    assert out["error_code"][1] == "batchgen.TooLarge" and "6 MiB" in out["error_message"][1]
+    assert sorted(executed(sim)) == ["r000", "r002"]
+
+
+def test_a_lost_create_answer_is_found_by_name_not_created_twice(batch_sim, tmp_path):
+    sim, clock = batch_sim(batch_fault_lost_create=1.0)
+    write_prompts(tmp_path / "in.csv", PROMPTS)
+    result = batch_run(sim)
+    assert result.exit_code == 6, result.stderr
+    assert len(sim.stats.batch.created) == 1 == len(sim.stats.batch.lost_creates)
+    clock.advance(DAY / 2)
+    assert batch_run(sim).exit_code == 0
+    assert executed(sim) == Counter(IDS)
+
+
+@pytest.mark.parametrize(
+    ("moment", "reached"),
+    [
+        ("upload", lambda s: s.stats.batch.files_uploaded == 1),  # killed before the file id is journalled
+        ("create", lambda s: len(s.stats.batch.created) == 1),  # before the batch id is
+        ("file_content", lambda s: s.stats.batch.calls["file_content"] >= 1),  # while collecting
+    ],
+)
+def test_kill_9_at_any_moment_creates_no_second_batch_and_pays_no_row_twice(
+    batch_sim, tmp_path, moment, reached
+):
+    sim, clock = batch_sim(batch_hang_after=(moment,), hang_seconds=60)
+    write_prompts(tmp_path / "in.csv", PROMPTS)
+    if moment == "file_content":
+        assert batch_run(sim).exit_code == 6
+        clock.advance(DAY / 2)
+    env = {**os.environ, "DASHSCOPE_HTTP_BASE_URL": sim.base_url, "DASHSCOPE_API_KEY": KEY}
+    args = [
+        sys.executable,
+        "-m",
+        "batchgen",
+        "run",
+        "in.csv",
+        "-o",
+        "out.csv",
+        "--batch",
+        "--id-column",
+        "id",
+    ]
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not reached(sim):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run never reached the call"
+        time.sleep(0.02)
+    time.sleep(0.2)  # the call has taken effect and hangs: the client waits for its answer
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+
+    result = batch_run(sim)
+    assert result.exit_code in (0, 6), result.stderr
+    clock.advance(DAY / 2)
+    assert batch_run(sim).exit_code == 0
+    assert set(read()["status"]) == {"ok"} and read()["id"].to_list() == IDS
+    assert len(sim.stats.batch.created) == 1  # the batch made before the kill is the one collected
+    assert executed(sim) == Counter(IDS)  # no row paid twice
+    assert stored_files(sim) == []  # no orphan file left in the account's storage
+
+
+def test_ctrl_c_while_waiting_writes_pending_rows_and_never_cancels(batch_sim, tmp_path):
+    sim, _ = batch_sim(batch_validation_seconds=10 * DAY)
+    write_prompts(tmp_path / "in.csv", PROMPTS)
+    env = {**os.environ, "DASHSCOPE_HTTP_BASE_URL": sim.base_url, "DASHSCOPE_API_KEY": KEY}
+    args = [sys.executable, "-m", "batchgen", "run", "in.csv", "-o", "out.csv", "--batch", "--wait",
+            "--id-column", "id"]  # fmt: skip
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not sim.stats.batch.calls["retrieve"]:  # submitted, and waiting
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 130, stderr
+    assert set(read()["status"]) == {"pending"}
+    assert sim.stats.batch.calls["cancel"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--wait"], "--wait is for batch mode"),
+        (["--batch", "--batch-window", "12h"], "--batch-window '12h'"),
+        (["--batch", "--batch-speed", "10"], "--batch-speed sets the simulator's"),
+        (["--batch", "--base-url", "http://localhost:8000/v1"], "not DashScope"),
+        (["--batch", "--stream"], "never streamed"),
+    ],
+)
+def test_batch_usage_errors(tmp_path, args, needle):
+    write_prompts(tmp_path / "in.csv", PROMPTS[:2])
+    result = invoke(["run", "in.csv", "-o", "out.csv", *args])
+    assert result.exit_code == 2 and needle in result.stderr, result.stderr
+    assert not Path("out.csv").exists()
+
+
+def test_batch_list_reads_the_journal_without_a_key(batch_sim, tmp_path):
+    sim, _ = batch_sim()
+    write_prompts(tmp_path / "in.csv", PROMPTS)
+    assert batch_run(sim).exit_code == 6
+    listed = invoke(["batch", "list", "out.csv"], key=None)
+    assert listed.exit_code == 0 and "submitted" in listed.stdout and "12 rows" in listed.stdout
+    missing = invoke(["batch", "list", "nothing.csv"], key=None)
+    assert missing.exit_code == 2 and "no journal beside nothing.csv" in missing.stderr
