@@ -123,14 +123,24 @@ class Budget:
         self.reserved = Decimal(0)
         self._settled = asyncio.Condition()
 
-    def worst_case(self, model: str, messages: Sequence[Mapping[str, Any]]) -> Decimal:
+    def worst_case(
+        self, model: str, messages: Sequence[Mapping[str, Any]], *, batch: bool = False
+    ) -> Decimal:
         input_tokens = math.ceil(count_input_tokens(model, messages, IMAGE_TOKENS_MAX) * INPUT_MARGIN)
         return self.price.cost(
-            input_tokens=input_tokens, output_tokens=self.max_output, thinking=self.thinking
+            input_tokens=input_tokens, output_tokens=self.max_output, thinking=self.thinking, batch=batch
         )
 
     def _fits(self, worst: Decimal) -> bool:
         return self.spent + self.reserved + worst <= self.limit
+
+    def fits(self, worst: Decimal) -> bool:
+        """Whether ``worst`` more could be committed now without passing the limit."""
+        return self._fits(worst)
+
+    def commit(self, worst: Decimal) -> None:
+        """Count ``worst`` as spent: a batch submitted, whose bill comes when it ends."""
+        self.spent += worst
 
     async def reserve(self, worst: Decimal) -> bool:
         """Hold ``worst`` for a request; False once even a lone request would overspend.

@@ -344,3 +344,116 @@ def test_batch_list_reads_the_journal_without_a_key(batch_sim, tmp_path):
     assert listed.exit_code == 0 and "submitted" in listed.stdout and "12 rows" in listed.stdout
     missing = invoke(["batch", "list", "nothing.csv"], key=None)
     assert missing.exit_code == 2 and "no journal beside nothing.csv" in missing.stderr
+
+
+def test_a_real_time_run_never_sends_rows_a_running_batch_holds(batch_sim, tmp_path):
+    sim, clock = batch_sim()
+    write_prompts(tmp_path / "in.csv", PROMPTS)
+    assert batch_run(sim).exit_code == 6
+    online = invoke(["run", "in.csv", "-o", "out.csv", "--id-column", "id"], sim)  # no --batch
+    assert online.exit_code == 6 and "12 rows are in 1 batch(es) not yet collected" in online.stderr
+    assert set(read()["status"]) == {"pending"} and sim.stats.outcomes["ok"] == 0
+    clock.advance(DAY / 2)
+    assert batch_run(sim).exit_code == 0 and executed(sim) == Counter(IDS)
+
+
+def test_dry_run_counts_rows_in_running_batches_and_shows_both_prices(batch_sim, tmp_path):
+    sim, _ = batch_sim()
+    write_prompts(tmp_path / "in.csv", PROMPTS)
+    assert batch_run(sim).exit_code == 6
+    write_prompts(tmp_path / "in.csv", [*PROMPTS, "one more question"])
+    result = invoke(["run", "in.csv", "-o", "out.csv", "--id-column", "id", "--batch", "--dry-run"], sim)
+    assert result.exit_code == 0, result.stderr
+    text = result.stdout
+    assert "1 of 13 rows would be sent" in text and "12 in batches not yet collected" in text
+    assert "at the Batch API's price" in text and "the same rows online (without --batch)" in text
+
+
+def test_max_cost_commits_each_batchs_worst_case_at_submission(batch_sim, tmp_path):
+    sim, clock = batch_sim()
+    write_prompts(tmp_path / "in.csv", PROMPTS)
+    # qwen-plus at batch price, --max-tokens 1000 and thinking off: each row's worst case is
+    # about (60 × 0.40 + 1000 × 1.20) / 2 / 1e6 ≈ $0.0006, so $0.003 submits a few rows, not 12.
+    args = ("--max-tokens", "1000", "--disable-thinking")
+    first = batch_run(sim, *args, "--max-cost", "0.003")
+    assert first.exit_code == 5, first.stderr
+    out = read()
+    pending, skipped = out["status"].to_list().count("pending"), out["status"].to_list().count("skipped")
+    assert pending >= 1 and skipped >= 1 and pending + skipped == 12
+    assert out["status"].to_list() == ["pending"] * pending + ["skipped"] * skipped  # in input order
+    assert "stopped by --max-cost" in first.stderr and len(sim.stats.batch.created) == 1
+    more = batch_run(sim, *args, "--max-cost", "1")
+    assert more.exit_code == 6 and set(read()["status"]) == {"pending"}
+    assert len(sim.stats.batch.created) == 2
+    clock.advance(DAY / 2)
+    assert batch_run(sim, *args).exit_code == 0 and executed(sim) == Counter(IDS)
+
+
+def test_management_429s_are_retried_with_backoff(batch_sim, tmp_path):
+    import asyncio
+
+    from conftest import FakeTime
+
+    from batchgen.batch.mode import BatchRun, BatchSettings
+    from batchgen.batch.remote import BatchAPI
+    from batchgen.config import RunConfig
+    from batchgen.journal import Journal
+    from batchgen.prompts import PromptSpec
+
+    sim, clock = batch_sim(batch_fault_429=0.4, seed=11)
+    config = RunConfig(api_key=KEY, base_url=sim.compatible_base_url, api="openai", model="qwen-plus")
+    frame = pl.DataFrame({"id": IDS, "prompt": PROMPTS})
+    fake = FakeTime()
+
+    async def go(journal: Journal) -> None:
+        async with BatchAPI(config, sleep=fake.sleep) as api:
+            run = BatchRun(
+                config, PromptSpec(), journal, api, BatchSettings(), tmp_path / "out.csv", id_column="id",
+                endpoint="sim", sleep=fake.sleep,
+            )  # fmt: skip
+            await run.prepare([(frame, None)])
+            clock.advance(DAY / 2)
+            assert await run.settle() == []  # collected
+
+    with Journal(tmp_path / "out.csv.journal") as journal:
+        journal.lock(tmp_path / "out.csv")
+        journal.open()
+        asyncio.run(go(journal))
+        answers = journal.lookup(IDS)
+    assert sorted(answers) == IDS
+    assert all(e.status == "ok" for a in answers.values() for e in a.values())
+    assert sum(sim.stats.batch.throttled.values()) > 0 and fake.slept  # 429s met, waited out in fake time
+    assert executed(sim) == Counter(IDS) and len(sim.stats.batch.created) == 1
+
+
+def test_files_split_at_the_line_limit_in_input_order(batch_sim, tmp_path, monkeypatch):
+    monkeypatch.setattr("batchgen.batch.mode.MAX_LINES", 5)
+    sim, clock = batch_sim()
+    write_prompts(tmp_path / "in.csv", PROMPTS)
+    assert batch_run(sim).exit_code == 6
+    out = read()
+    ids_by_batch = [
+        out.filter(pl.col("batch_id") == b)["id"].to_list()
+        for b in out["batch_id"].unique(maintain_order=True)
+    ]
+    assert ids_by_batch == [IDS[0:5], IDS[5:10], IDS[10:12]]
+    clock.advance(DAY / 2)
+    assert batch_run(sim).exit_code == 0 and executed(sim) == Counter(IDS)
+
+
+def test_a_row_in_neither_file_of_an_ended_batch_is_flagged_and_sent_again():
+    from batchgen.batch.mode import MISSING, _unanswered
+    from batchgen.batch.remote import RemoteBatch
+    from batchgen.batch.store import ChunkRow
+
+    ended = RemoteBatch("batch_1", "completed", "f-in", "f-out", None, EPOCH, "24h", 2, 1, 0, {})
+    line = _unanswered(ChunkRow(2, "r1", "r1", "h"), ended, {}, "qwen-plus")
+    assert not line.final and line.result.error_code == MISSING and "batch_1" in line.result.error_message
+    failed = RemoteBatch(
+        "batch_2", "failed", "f-in", None, None, EPOCH, "24h", 0, 0, 0, {},
+        ({"code": "mismatched_model", "message": "Line 2: another model", "line": 2},),
+    )  # fmt: skip
+    named = _unanswered(ChunkRow(2, "r1", "r1", "h"), failed, {2: failed.errors[0]}, "qwen-plus")
+    assert named.final and named.result.error_code == "mismatched_model"
+    other = _unanswered(ChunkRow(1, "r0", "r0", "h"), failed, {2: failed.errors[0]}, "qwen-plus")
+    assert not other.final and other.result.error_code == "batch_failed"

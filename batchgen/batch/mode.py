@@ -25,6 +25,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,14 @@ from batchgen.batch.lines import (
 )
 from batchgen.batch.remote import BatchAPI, LostAnswer, RemoteBatch
 from batchgen.batch.store import ABANDONED, COLLECTED, FORMED, UPLOADED, BatchStore, Chunk, ChunkRow
+from batchgen.budget import Budget
 from batchgen.config import RunConfig
 from batchgen.errors import FatalAPIError, RowProblem
 from batchgen.images import has_local, materialize
 from batchgen.journal import Entry, Journal
 from batchgen.jsonmode import reply_checker
 from batchgen.planning import Batch, PlannedRow, plan_rows
+from batchgen.pool import RunControl
 from batchgen.prompts import PromptSpec
 from batchgen.results import ERROR, PENDING, SKIPPED, RowResult, from_journal, utc_now
 
@@ -80,7 +83,8 @@ class BatchRun:
     id_column: str | None
     endpoint: str
     retry_errors: bool = False
-    stopping: Callable[[], bool] = lambda: False
+    control: RunControl = field(default_factory=RunControl)
+    budget: Budget | None = None  # --max-cost: a batch's worst case is committed as it is submitted
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     store: BatchStore = field(init=False)
     collected_now: set[str] = field(default_factory=set)  # their leftovers wait for the next run
@@ -89,6 +93,9 @@ class BatchRun:
     def __post_init__(self) -> None:
         self.store = BatchStore(self.journal)
         self.check_json = reply_checker(self.config.parameters, self.config.json_schema)
+
+    def stopping(self) -> bool:
+        return self.control.stopping
 
     async def prepare(self, batches: Iterable[Batch]) -> None:
         """Settle, collect, submit, and with ``wait`` poll until every batch has ended."""
@@ -201,6 +208,8 @@ class BatchRun:
                 )  # fmt: skip
                 held = self.store.held([row.key for row in planned])
                 for row in planned:
+                    if self.stopping():
+                        break
                     if self.to_submit(row, held):
                         await self.add(chunk, row)
                 offset += frame.height
@@ -223,9 +232,19 @@ class BatchRun:
         if problem is not None:
             self.record_problem(row, problem, final=True)
             return
+        worst = Decimal(0)
+        if self.budget is not None:
+            worst = self.budget.worst_case(self.config.model, self.config.dialect.messages(body), batch=True)
+            if not self.budget.fits(chunk.worst + worst):
+                if chunk.rows:
+                    await self.seal(chunk)
+                if not self.budget.fits(worst):
+                    self.budget.refused = worst
+                    self.control.stop("budget")
+                    return
         if not chunk.fits(len(line)):
             await self.seal(chunk)
-        chunk.append(line, ChunkRow(len(chunk.rows) + 1, row.key, row.key, row.digest))
+        chunk.append(line, ChunkRow(len(chunk.rows) + 1, row.key, row.key, row.digest), worst)
 
     def record_problem(self, row: PlannedRow, problem: RowProblem, *, final: bool) -> None:
         result = RowResult(
@@ -239,6 +258,8 @@ class BatchRun:
         digest = chunk.digest.hexdigest()[:12]
         name = f"batchgen-{self.store.journal_id}-{len(self.store.names()) + 1:05d}-{digest}"
         record = Chunk(name, self.config.model, len(chunk.rows), chunk.size, self.settings.window)
+        if self.budget is not None:
+            self.budget.commit(chunk.worst)  # before the upload: a crash after it overspends nothing
         self.store.add(record, chunk.rows)
         file_id = await self.api.upload(f"{name}.jsonl", chunk.close())
         self.store.set_file(name, file_id)
@@ -316,6 +337,23 @@ class BatchRun:
         return skipped, False
 
 
+def held_rows(store: BatchStore, model: str) -> Hold:
+    """The pool's ``hold`` for a real-time run on a journal with batches not yet collected:
+    their rows stay ``pending`` (never sent online while a batch may answer them). Matched by
+    row key alone: the real-time body of the same request may be in the native API's shape."""
+
+    def hold(planned: list[PlannedRow]) -> list[tuple[RowResult, bool] | None]:
+        held = {key: batch_id for (key, _), batch_id in store.held([row.key for row in planned]).items()}
+        return [
+            (RowResult(PENDING, model=model, billing_mode=BATCH, batch_id=held[row.key]), False)
+            if row.problem is None and row.earlier is None and row.key in held
+            else None
+            for row in planned
+        ]
+
+    return hold
+
+
 def _unanswered(row: ChunkRow, remote: RemoteBatch, bad_lines: dict[int, Any], model: str) -> LineResult:
     """A row of an ended batch with no result line: refused by validation, or missing."""
     error = bad_lines.get(row.line)
@@ -354,13 +392,15 @@ class _ChunkFile:
     def reset(self) -> None:
         self.rows = []
         self.size = 0
+        self.worst = Decimal(0)  # --max-cost: the most its lines can cost
         self.digest = hashlib.sha256()
         self.file = open(self.path, "wb")  # noqa: SIM115 (closed by close/discard)
 
     def fits(self, size: int) -> bool:
         return len(self.rows) < MAX_LINES and self.size + size <= MAX_FILE_BYTES
 
-    def append(self, line: bytes, row: ChunkRow) -> None:
+    def append(self, line: bytes, row: ChunkRow, worst: Decimal) -> None:
+        self.worst += worst
         self.file.write(line)
         self.digest.update(line)
         self.size += len(line)

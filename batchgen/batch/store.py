@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS batch_rows (
 );
 CREATE INDEX IF NOT EXISTS batch_rows_key ON batch_rows (key);
 """
-_OPEN = (FORMED, UPLOADED, SUBMITTED)
+OPEN_STATES = (FORMED, UPLOADED, SUBMITTED)  # a chunk whose rows may still be answered by its batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +121,9 @@ class BatchStore:
             self._db.execute("DELETE FROM batch_rows WHERE chunk = ?", (name,))
 
     def chunks(self, *, open_only: bool = False) -> list[Chunk]:
-        where = f" WHERE state IN ({','.join('?' * len(_OPEN))})" if open_only else ""
+        where = f" WHERE state IN ({','.join('?' * len(OPEN_STATES))})" if open_only else ""
         query = f"SELECT * FROM batch_chunks{where} ORDER BY rowid"
-        return [Chunk(*row) for row in self._db.execute(query, _OPEN if open_only else ())]
+        return [Chunk(*row) for row in self._db.execute(query, OPEN_STATES if open_only else ())]
 
     def names(self) -> set[str]:
         return {name for (name,) in self._db.execute("SELECT name FROM batch_chunks")}
@@ -137,13 +137,13 @@ class BatchStore:
         """(key, request hash) -> batch id (None before its create) of ``keys`` that sit in a
         chunk not yet collected: those rows are never sent online or in another batch."""
         found: dict[tuple[str, str], str | None] = {}
-        marks = ",".join("?" * len(_OPEN))
+        marks = ",".join("?" * len(OPEN_STATES))
         for start in range(0, len(keys), 900):
             chunk = keys[start : start + 900]
             query = (
                 "SELECT r.key, r.request_hash, c.batch_id FROM batch_rows r JOIN batch_chunks c "
                 f"ON c.name = r.chunk WHERE c.state IN ({marks}) AND r.key IN ({','.join('?' * len(chunk))})"
             )
-            for key, digest, batch_id in self._db.execute(query, (*_OPEN, *chunk)):
+            for key, digest, batch_id in self._db.execute(query, (*OPEN_STATES, *chunk)):
                 found[(key, digest)] = batch_id
         return found

@@ -9,6 +9,8 @@ from decimal import Decimal
 from pathlib import Path
 
 from batchgen.api.models import thinks
+from batchgen.batch.lines import MAX_LINES
+from batchgen.batch.store import OPEN_STATES
 from batchgen.budget import (
     DEFAULT_OUTPUT_ASSUMPTION,
     IMAGE_TOKENS_MAX,
@@ -31,6 +33,7 @@ class _Count:
     tokens: list[int] = field(default_factory=list)
     unsendable: int = 0
     resumed: int = 0
+    held: int = 0  # in batches not yet collected: not sent again
     images: int = 0
 
 
@@ -40,10 +43,18 @@ def dry_run(prepared: Prepared, prices: PriceTable | None) -> int:
     lines = [*_rows_and_tokens(prepared, count, price), *_cost(prepared, count, price, prices)]
     n = len(count.tokens)
     rpm, concurrency = prepared.config.rpm, prepared.config.concurrency
-    lines.append(
-        f"time: at least {duration(n * 60 / rpm)} at --rpm {rpm:g} "
-        f"({n:,} requests, {min(concurrency, max(n, 1)):,} at a time)"
-    )
+    batch = prepared.options.batch
+    if batch.batch:
+        files = -(-n // MAX_LINES)
+        lines.append(
+            f"time: within the completion window (--batch-window {batch.batch_window}; often minutes "
+            f"to hours), in {files:,} batch{'es' if files != 1 else ''}; no real-time rate limit applies"
+        )
+    else:
+        lines.append(
+            f"time: at least {duration(n * 60 / rpm)} at --rpm {rpm:g} "
+            f"({n:,} requests, {min(concurrency, max(n, 1)):,} at a time)"
+        )
     print("\n".join(lines))
     return 0
 
@@ -52,7 +63,9 @@ def _count(prepared: Prepared) -> _Count:
     """Every row planned as the run would plan it, against the journal (read, not locked)."""
     options, config = prepared.options, prepared.config
     fresh = options.policy.fresh
-    previous = {} if fresh else _journal_read_only(journal_path(options.output.output_path))
+    path = journal_path(options.output.output_path)
+    previous = {} if fresh else _journal_read_only(path)
+    held = set() if fresh else _held_read_only(path)
     messages = config.dialect.messages
     count, offset = _Count(), 0
 
@@ -68,6 +81,8 @@ def _count(prepared: Prepared) -> _Count:
                 count.unsendable += 1
             elif row.earlier is not None:
                 count.resumed += 1
+            elif row.key in held:
+                count.held += 1
             else:
                 assert row.body is not None
                 count.images += count_images(messages(row.body))
@@ -97,8 +112,10 @@ def _rows_and_tokens(prepared: Prepared, count: _Count, price: ModelPrice | None
     )
     return [
         f"dry run: {n:,} of {prepared.source.total:,} rows would be sent to {config.model} ({route}"
+        f"{', in Batch API batches' if prepared.options.batch.batch else ''}"
         f"{', streamed' if config.effective_stream else ''}); {count.resumed:,} already answered in "
-        f'the journal, {count.unsendable:,} not sendable (empty, a missing image, no "json" in JSON mode)',
+        f"the journal, {f'{count.held:,} in batches not yet collected, ' if count.held else ''}"
+        f'{count.unsendable:,} not sendable (empty, a missing image, no "json" in JSON mode)',
         f"input tokens: {sum(tokens):,} counted with the Qwen tokenizer "
         f"({(sum(tokens) / n if n else 0):,.0f} a row on average, {max(tokens, default=0):,} at most)"
         + images,
@@ -128,17 +145,47 @@ def _cost(
     thinking = mode is not False
     most = _most_output(prepared, price)
 
-    def total(output: int, think: bool) -> Decimal:
-        costs = (price.cost(input_tokens=c, output_tokens=output, thinking=think) for c in count.tokens)
+    def total(output: int, think: bool, batch: bool) -> Decimal:
+        costs = (
+            price.cost(input_tokens=c, output_tokens=output, thinking=think, batch=batch)
+            for c in count.tokens
+        )
         return sum(costs, Decimal(0))
 
-    low, expected, high = total(0, False), total(typical, mode is True), total(most or typical, thinking)
+    def estimate(batch: bool) -> tuple[Decimal, Decimal, Decimal]:
+        return (
+            total(typical, mode is True, batch),
+            total(0, False, batch),
+            total(most or typical, thinking, batch),
+        )
+
     dearer = ", thinking" if thinking and any(t.output_thinking for t in price.tiers) else ""
+    batch = prepared.options.batch.batch
+    expected, low, high = estimate(batch)
+    other, other_low, other_high = estimate(not batch)
+    elsewise = "online (without --batch)" if batch else "through the Batch API (--batch, half price)"
     return [
         f"estimated cost: ${expected:.4f} (range ${low:.4f} with empty replies "
-        f"to ${high:.4f} with every reply at {most or typical:,} tokens{dearer})",
+        f"to ${high:.4f} with every reply at {most or typical:,} tokens{dearer})"
+        + (" at the Batch API's price (half, no cache discount)" if batch else ""),
+        f"  the same rows {elsewise}: ${other:.4f} (range ${other_low:.4f} to ${other_high:.4f})",
         f"prices: {prices.describe()}",
     ]
+
+
+def _held_read_only(path: Path) -> set[str]:
+    """The keys of rows in batches not yet collected (``batch.store``), read without locking."""
+    if not path.exists():
+        return set()
+    query = (
+        "SELECT r.key FROM batch_rows r JOIN batch_chunks c ON c.name = r.chunk "
+        f"WHERE c.state IN ({','.join('?' * len(OPEN_STATES))})"
+    )
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return {key for (key,) in db.execute(query, OPEN_STATES)}
+    except sqlite3.Error:  # no batch tables: no batch mode run wrote this journal
+        return set()
 
 
 def _journal_read_only(path: Path) -> dict[str, Answers]:

@@ -11,8 +11,9 @@ from pathlib import Path
 import polars as pl
 
 from batchgen import __version__
-from batchgen.batch.mode import BatchRun, BatchSettings, Hold
+from batchgen.batch.mode import BatchRun, BatchSettings, Hold, held_rows
 from batchgen.batch.remote import BatchAPI
+from batchgen.batch.store import BatchStore
 from batchgen.budget import Budget
 from batchgen.commands.dryrun import dry_run
 from batchgen.commands.outputs import beside, keep_other_request_set, remove_superseded, signals_deferred
@@ -168,6 +169,8 @@ class _LockedRun:
             hold, fatal = None, None
             if self.options.batch.batch:
                 hold, fatal = await self._batch_pass(config, control)
+            else:
+                hold = self._held_by_batches()
             source = self.prepared.source
             result = await arun_batches(
                 source.batches(), source.total, config, self.prepared.spec, write=writer.write,
@@ -182,6 +185,21 @@ class _LockedRun:
             for sig in signals:
                 loop.remove_signal_handler(sig)
 
+    def _held_by_batches(self) -> Hold | None:
+        """Rows in batches an earlier ``--batch`` run submitted stay pending in a real-time run."""
+        store = BatchStore(self.journal)
+        running = store.chunks(open_only=True)
+        if not running:
+            return None
+        rows = sum(chunk.lines for chunk in running)
+        log.warning(
+            "%s rows are in %s batch(es) not yet collected: they stay pending (never sent twice); "
+            "run with --batch to collect them",
+            f"{rows:,}",
+            len(running),
+        )
+        return held_rows(store, self.options.server.model)
+
     async def _batch_pass(self, config: RunConfig, control: RunControl) -> tuple[Hold, FatalAPIError | None]:
         """Batch mode before the pool: settle, collect, submit (and wait); a refusal by the
         Batch API stops the pass, and the output is still written, every row accounted for."""
@@ -192,7 +210,7 @@ class _LockedRun:
             run = BatchRun(
                 config, self.prepared.spec, self.journal, api, settings, self.output,
                 id_column=self.options.input.id_column, endpoint=self.metadata["endpoint"],
-                retry_errors=self.options.policy.retry_errors, stopping=lambda: control.stopping,
+                retry_errors=self.options.policy.retry_errors, control=control, budget=self.budget,
             )  # fmt: skip
             try:
                 await run.prepare(self.prepared.source.batches())
@@ -235,8 +253,11 @@ class _LockedRun:
         if result.stopped == "budget" and self.budget is not None:
             budget = self.budget
             log.warning(
-                "stopped by --max-cost: spent $%s of $%s%s; %s rows not sent are marked "
+                "stopped by --max-cost: %s $%s of $%s%s; %s rows not sent are marked "
                 "skipped; run the same command with a higher --max-cost to continue",
+                "committed (the worst case of the batches submitted)"
+                if self.options.batch.batch
+                else "spent",
                 f"{budget.spent:.4f}",
                 self.options.policy.max_cost,
                 _refused(budget),
