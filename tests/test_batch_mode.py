@@ -258,6 +258,7 @@ def test_a_lost_create_answer_is_found_by_name_not_created_twice(batch_sim, tmp_
         ("upload", lambda s: s.stats.batch.files_uploaded == 1),  # killed before the file id is journalled
         ("create", lambda s: len(s.stats.batch.created) == 1),  # before the batch id is
         ("file_content", lambda s: s.stats.batch.calls["file_content"] >= 1),  # while collecting
+        ("file_delete", lambda s: s.stats.batch.files_deleted >= 1),  # collected, files not all deleted
     ],
 )
 def test_kill_9_at_any_moment_creates_no_second_batch_and_pays_no_row_twice(
@@ -265,7 +266,7 @@ def test_kill_9_at_any_moment_creates_no_second_batch_and_pays_no_row_twice(
 ):
     sim, clock = batch_sim(batch_hang_after=(moment,), hang_seconds=60)
     write_prompts(tmp_path / "in.csv", PROMPTS)
-    if moment == "file_content":
+    if moment in ("file_content", "file_delete"):
         assert batch_run(sim).exit_code == 6
         clock.advance(DAY / 2)
     env = {**os.environ, "DASHSCOPE_HTTP_BASE_URL": sim.base_url, "DASHSCOPE_API_KEY": KEY}

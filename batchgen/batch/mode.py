@@ -108,6 +108,8 @@ class BatchRun:
     # -- 1. settle ---------------------------------------------------------------------------
     async def settle(self) -> list[RemoteBatch]:
         """Every open chunk brought up to date; the batches still running."""
+        for file_id in self.store.unfreed():  # a run stopped between a commit and its deletes
+            await self.free(file_id)
         running = []
         for chunk in self.store.chunks(open_only=True):
             remote = await self.settle_chunk(chunk)
@@ -158,26 +160,28 @@ class BatchRun:
                     if line is not None and line.custom_id in rows:
                         found[line.custom_id] = line
         bad_lines = {e["line"]: e for e in remote.errors if isinstance(e.get("line"), int)}
+        files = [f for f in (chunk.file_id, remote.output_file_id, remote.error_file_id) if f]
         with self.store.transaction():
             for row in rows.values():
                 line = found.get(row.custom_id) or _unanswered(row, remote, bad_lines, chunk.model)
                 self.journal.record(row.key, row.request_hash, line.final, line.result)
             self.store.close(chunk.name, COLLECTED)
+            self.store.to_free(files)
         self.collected_now.add(remote.id)
         answered = sum(1 for line in found.values() if line.result.status == "ok")
         log.info(
             "collected batch %s (%s): %s of %s rows answered", remote.id, remote.status,
             f"{answered:,}", f"{len(rows):,}",
         )  # fmt: skip
-        for file_id in (chunk.file_id, remote.output_file_id, remote.error_file_id):
-            if file_id:
-                await self.free(file_id)
+        for file_id in files:
+            await self.free(file_id)
 
     async def free(self, file_id: str) -> None:
         try:
             await self.api.delete(file_id)
         except FatalAPIError as exc:  # storage is the account's, not a row's: say so, go on
             log.warning("could not delete file %s (%s); delete it in the console", file_id, exc)
+        self.store.freed(file_id)
 
     # -- 2. submit ---------------------------------------------------------------------------
     def leftover(self, entry: Entry | None) -> bool:

@@ -162,11 +162,13 @@ class BatchAPI:
     async def upload(self, name: str, path: Path) -> str:
         """Upload a JSONL input file (``purpose=batch``); its file id. An upload whose answer
         was lost is looked for by ``name`` before it is sent again (storage is limited)."""
-        content = path.read_bytes()
         for _ in range(ATTEMPTS):
-            files = {"file": (name, content, "application/jsonl")}
             try:
-                body = await self._json("POST", "files", files=files, data={"purpose": "batch"}, resend=False)
+                with path.open("rb") as content:  # streamed: a file may be 500 MB
+                    files = {"file": (name, content, "application/jsonl")}
+                    body = await self._json(
+                        "POST", "files", files=files, data={"purpose": "batch"}, resend=False
+                    )
                 return str(body["id"])
             except LostAnswer:
                 stored = await self.files_named(name)

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS batch_rows (
     PRIMARY KEY (chunk, line)
 );
 CREATE INDEX IF NOT EXISTS batch_rows_key ON batch_rows (key);
+CREATE TABLE IF NOT EXISTS batch_files_to_free (file_id TEXT PRIMARY KEY);
 """
 OPEN_STATES = (FORMED, UPLOADED, SUBMITTED)  # a chunk whose rows may still be answered by its batch
 
@@ -119,6 +120,18 @@ class BatchStore:
         self._db.execute("UPDATE batch_chunks SET state = ? WHERE name = ?", (state, name))
         if state == ABANDONED:
             self._db.execute("DELETE FROM batch_rows WHERE chunk = ?", (name,))
+
+    # -- the account's storage ---------------------------------------------------------------
+    def to_free(self, file_ids: list[str]) -> None:
+        """Files to delete once their results are recorded (in the same commit as those)."""
+        self._db.executemany("INSERT OR IGNORE INTO batch_files_to_free VALUES (?)", [(f,) for f in file_ids])
+
+    def freed(self, file_id: str) -> None:
+        self._db.execute("DELETE FROM batch_files_to_free WHERE file_id = ?", (file_id,))
+
+    def unfreed(self) -> list[str]:
+        """Files a run recorded to delete and was stopped before deleting."""
+        return [f for (f,) in self._db.execute("SELECT file_id FROM batch_files_to_free ORDER BY rowid")]
 
     def chunks(self, *, open_only: bool = False) -> list[Chunk]:
         where = f" WHERE state IN ({','.join('?' * len(OPEN_STATES))})" if open_only else ""
