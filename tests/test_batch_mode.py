@@ -458,3 +458,73 @@ def test_a_row_in_neither_file_of_an_ended_batch_is_flagged_and_sent_again():
     assert named.final and named.result.error_code == "mismatched_model"
     other = _unanswered(ChunkRow(1, "r0", "r0", "h"), failed, {2: failed.errors[0]}, "qwen-plus")
     assert not other.final and other.result.error_code == "batch_failed"
+
+
+def test_wait_polls_every_minute_backing_off_to_five_and_says_the_phase(batch_sim, tmp_path, caplog):
+    import asyncio
+
+    from batchgen.batch.mode import BatchRun, BatchSettings
+    from batchgen.batch.remote import BatchAPI
+    from batchgen.config import RunConfig
+    from batchgen.journal import Journal
+    from batchgen.prompts import PromptSpec
+
+    # 1,000 s validating, then a line every 100 s: the run's sleeps move the batch clock.
+    sim, clock = batch_sim(batch_validation_seconds=1000, batch_lines_per_second=1 / 100)
+    config = RunConfig(api_key=KEY, base_url=sim.compatible_base_url, api="openai", model="qwen-plus")
+    frame = pl.DataFrame({"id": IDS[:4], "prompt": PROMPTS[:4]})
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.advance(seconds)
+
+    async def go(journal: Journal) -> None:
+        async with BatchAPI(config, sleep=sleep) as api:
+            settings = BatchSettings(wait=True)
+            run = BatchRun(
+                config, PromptSpec(), journal, api, settings, tmp_path / "out.csv", id_column="id",
+                endpoint="sim", sleep=sleep,
+            )  # fmt: skip
+            await run.prepare([(frame, None)])
+
+    caplog.set_level("INFO", logger="batchgen")
+    with Journal(tmp_path / "out.csv.journal") as journal:
+        journal.lock(tmp_path / "out.csv")
+        journal.open()
+        asyncio.run(go(journal))
+        assert all(e.status == "ok" for a in journal.lookup(IDS[:4]).values() for e in a.values())
+    waits = [line for line in caplog.messages if line.startswith("waiting on 1 batch(es)")]
+    assert waits[0] == "waiting on 1 batch(es): validating; 0/0 lines done"
+    assert "waiting on 1 batch(es): in_progress; 3/4 lines done" in waits
+    schedule = [60, 90, 135, 202.5, *[300] * (len(waits) - 4)]  # x1.5 from a minute, up to five
+    assert len(waits) > 5 and sum(slept) == pytest.approx(sum(schedule))
+    assert max(slept) <= 1.0  # slept in steps, so that Ctrl-C is heard within a second
+    assert "collected batch" in caplog.text
+
+
+def test_a_batch_the_service_no_longer_knows_frees_its_rows(batch_sim, tmp_path):
+    sim, clock = batch_sim()
+    write_prompts(tmp_path / "in.csv", PROMPTS[:3])
+    assert batch_run(sim).exit_code == 6
+    clock.advance(31 * DAY)  # past the 30 days batches can be queried
+    result = batch_run(sim)
+    assert "is unknown to" in result.stderr and "its 3 rows are sent again" in result.stderr
+    assert result.exit_code == 6 and len(sim.stats.batch.created) == 2
+
+
+def test_batch_mode_from_a_job_file(batch_sim, tmp_path):
+    sim, clock = batch_sim()
+    write_prompts(tmp_path / "in.csv", PROMPTS[:3])
+    job = tmp_path / "job.toml"
+    job.write_text(
+        'input = "in.csv"\noutput = "out.csv"\nid_column = "id"\nbatch = true\nbatch_window = "2d"\n'
+    )
+    assert invoke(["run", "--job", str(job)], sim).exit_code == 6
+    assert sim.stats.batch.created and read()["status"].to_list() == ["pending"] * 3
+    clock.advance(DAY)
+    assert invoke(["run", "--job", str(job)], sim).exit_code == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text('input = "in.csv"\noutput = "o2.csv"\nbatch = "yes"\n')
+    refused = invoke(["run", "--job", str(bad)], sim)
+    assert refused.exit_code == 2 and "'batch'" in refused.stderr
