@@ -271,6 +271,11 @@ class BatchService:
                 "input_file_id",
             )
         self._check_running(endpoint)
+        failing = self._config.batch_fault_create_500
+        if failing and self._rng.random() < failing:  # drawn only when set: other faults keep their draws
+            self._stats.failed_creates += 1
+            raise _Refusal(500, "An internal error has occurred, please try again later.", None,
+                           "internal_error", "server_error")  # fmt: skip
         batch = _Batch(
             id=f"batch_{uuid.uuid4()}",
             seq=len(self._batches),

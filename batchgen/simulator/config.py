@@ -72,7 +72,8 @@ class SimulatorConfig:
     lines, and spends ``batch_finalizing_seconds`` finalizing (or cancelling). The batch faults
     are shares, each drawn on its own: ``batch_fault_429`` of management calls answered 429,
     ``batch_fault_lost_create`` of creates whose batch is made but whose answer is lost (the
-    connection drops), ``batch_fault_line_500`` of lines that fail with a 500. The management
+    connection drops), ``batch_fault_create_500`` of creates answered 500 having made no batch,
+    ``batch_fault_line_500`` of lines that fail with a 500. The management
     calls named in ``batch_hang_after`` (``upload``, ``create``, ``file_content``, ...) take
     effect, then hang for ``hang_seconds`` before answering, the first time each: a client
     killed meanwhile has had its call carried out without learning it (the crash tests' moment).
@@ -99,6 +100,7 @@ class SimulatorConfig:
     batch_finalizing_seconds: float = 1.0
     batch_fault_429: float = 0.0
     batch_fault_lost_create: float = 0.0
+    batch_fault_create_500: float = 0.0
     batch_fault_line_500: float = 0.0
     batch_hang_after: tuple[str, ...] = ()
     batch_limits: BatchLimits = field(default_factory=BatchLimits)
@@ -135,7 +137,13 @@ class SimulatorConfig:
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
-        for name in ("batch_fault_429", "batch_fault_lost_create", "batch_fault_line_500"):
+        faults = (
+            "batch_fault_429",
+            "batch_fault_lost_create",
+            "batch_fault_create_500",
+            "batch_fault_line_500",
+        )
+        for name in faults:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
@@ -148,7 +156,8 @@ class BatchStats:
     ``executed`` lists each line that ran, as (batch id, custom_id), in the order it ran: a
     line never runs twice, so a test can check that no request was paid for twice, and lines
     not run (expired, cancelled) are absent. ``created`` lists every batch made, those whose
-    create answer was lost (``lost_creates``) too. ``calls`` counts the management calls per
+    create answer was lost (``lost_creates``) too; ``failed_creates`` counts the creates
+    answered 500 having made nothing. ``calls`` counts the management calls per
     kind (upload, file_retrieve, file_list, file_content, file_delete, create, retrieve, list,
     cancel), every call that reached the route, and ``throttled`` the 429s sent per kind.
     """
@@ -157,6 +166,7 @@ class BatchStats:
     files_deleted: int = 0
     created: list[str] = field(default_factory=list)
     lost_creates: list[str] = field(default_factory=list)
+    failed_creates: int = 0
     executed: list[tuple[str, str]] = field(default_factory=list)
     calls: collections.Counter[str] = field(default_factory=collections.Counter)
     throttled: collections.Counter[str] = field(default_factory=collections.Counter)
