@@ -130,12 +130,13 @@ def run(ctx: click.Context, **options: Any) -> None:
       batchgen run reviews.parquet -o out.csv --template 'Sentiment of: {review}'
       batchgen run --job jobs/nightly-summaries.toml
       batchgen run sample_data/prompts.csv -o out/answers.csv --simulate
+      batchgen run prompts.csv -o answers.csv --batch   # half price; rerun to collect
 
     \b
     Exit codes: 0 every row ok, 3 some rows failed, 1 stopped on a fatal error,
     2 bad usage or input (nothing sent), 4 another run holds OUTPUT, 5 stopped by
-    --max-cost, 130/143 stopped by SIGINT/SIGTERM (after 5, 130 and 143 run the same
-    command again to resume).
+    --max-cost, 6 batches still running (--batch: run again later), 130/143 stopped
+    by SIGINT/SIGTERM (after 5, 6, 130 and 143 run the same command again to resume).
     """
     _dispatch(ctx, "run", options)
 
@@ -379,6 +380,12 @@ def batch_cancel(output: Path, base_url: str | None, region: str | None, workspa
     type=click.FloatRange(0, 1),
     default=0.0,
     help="Batch API: share of batch creates that create the batch but drop the answer.",
+)
+@click.option(
+    "--batch-fault-create-500",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Batch API: share of batch creates answered 500 without making a batch.",
 )
 @click.option(
     "--batch-fault-line-500",

@@ -9,10 +9,11 @@ written in input order as soon as every row of the batch at the head is done, an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -90,6 +91,15 @@ class RunControl:
         self.stop(reason or "stopped")
         for task in self._tasks:
             task.cancel(STOP_NOW)
+
+    @contextlib.contextmanager
+    def watching(self, task: asyncio.Task[None]) -> Iterator[None]:
+        """``stop_now`` (or the grace's end) cancels ``task`` while the block runs."""
+        self._attach([task], lambda: None)
+        try:
+            yield
+        finally:
+            self._detach()
 
     def _attach(self, tasks: list[asyncio.Task[None]], interrupt: Callable[[], None]) -> None:
         self._tasks = tasks

@@ -75,10 +75,10 @@ def test_request_line_is_one_json_line_with_the_unstreamed_body():
     assert "hé".encode() in raw  # not escaped: the 6 MB limit counts bytes as sent
 
 
-def test_a_line_over_six_mib_is_that_rows_too_large_error():
+def test_a_line_over_six_mb_is_that_rows_too_large_error():
     assert line_problem(b"x" * MAX_LINE_BYTES) is None
     problem = line_problem(b"x" * (MAX_LINE_BYTES + 1))
-    assert problem is not None and problem.code == TOO_LARGE and "6 MiB" in problem.message
+    assert problem is not None and problem.code == TOO_LARGE and "6 MB a line" in problem.message
 
 
 def test_a_recorded_answer_becomes_an_ok_row_billed_as_batch():

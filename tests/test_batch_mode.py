@@ -7,8 +7,10 @@ the crash tests, which kill a real ``batchgen`` process while the simulator hold
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,6 +24,11 @@ import pytest
 from conftest import KEY, invoke, write_prompts
 from simulator_support import EPOCH, BatchClock
 
+from batchgen.batch import mode
+from batchgen.batch.lines import MISSING, unanswered
+from batchgen.batch.remote import RemoteBatch
+from batchgen.batch.store import ChunkRow
+from batchgen.journal import journal_path
 from batchgen.simulator import SimulatorConfig, SimulatorThread
 
 IDS = [f"r{i:03d}" for i in range(12)]
@@ -30,11 +37,12 @@ DAY = 86_400
 
 
 @pytest.fixture
-def batch_sim() -> Iterator[Callable[..., tuple[SimulatorThread, BatchClock]]]:
+def batch_sim(monkeypatch) -> Iterator[Callable[..., tuple[SimulatorThread, BatchClock]]]:
     started: list[SimulatorThread] = []
 
     def start(**knobs: object) -> tuple[SimulatorThread, BatchClock]:
         clock = BatchClock()
+        monkeypatch.setattr(mode, "now", lambda: EPOCH + clock())  # the client's clock is the service's
         config = SimulatorConfig(key=KEY, batch_epoch=EPOCH, **knobs)  # type: ignore[arg-type]
         sim = SimulatorThread(config, clock=clock)
         sim.start()
@@ -229,15 +237,16 @@ def test_a_model_the_batch_api_refuses_fails_validation_row_by_row(batch_sim, tm
     assert len(sim.stats.batch.created) == 1  # a line the service named is not sent again
 
 
-def test_a_line_over_six_mib_is_that_rows_error_and_is_never_uploaded(batch_sim, tmp_path):
+def test_a_line_over_six_mb_is_that_rows_error_and_is_never_uploaded(batch_sim, tmp_path):
     sim, clock = batch_sim()
-    write_prompts(tmp_path / "in.csv", ["short", "x " * (3 * 1024 * 1024 + 10), "short too"])
+    # 6,000,020 bytes of prompt: over "6 MB" read as decimal, though under 6 MiB
+    write_prompts(tmp_path / "in.csv", ["short", "x " * 3_000_010, "short too"])
     assert batch_run(sim).exit_code == 6
     clock.advance(DAY / 2)
     assert batch_run(sim).exit_code == 3
     out = read()
     assert out["status"].to_list() == ["ok", "error", "ok"]
-    assert out["error_code"][1] == "batchgen.TooLarge" and "6 MiB" in out["error_message"][1]
+    assert out["error_code"][1] == "batchgen.TooLarge" and "6 MB a line" in out["error_message"][1]
     assert sorted(executed(sim)) == ["r000", "r002"]
 
 
@@ -316,6 +325,7 @@ def test_ctrl_c_while_waiting_writes_pending_rows_and_never_cancels(batch_sim, t
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=20)
     assert process.returncode == 130, stderr
+    assert "keep running on the service (none is cancelled)" in stderr
     assert set(read()["status"]) == {"pending"}
     assert sim.stats.batch.calls["cancel"] == 0
 
@@ -428,7 +438,7 @@ def test_management_429s_are_retried_with_backoff(batch_sim, tmp_path):
 
 
 def test_files_split_at_the_line_limit_in_input_order(batch_sim, tmp_path, monkeypatch):
-    monkeypatch.setattr("batchgen.batch.mode.MAX_LINES", 5)
+    monkeypatch.setattr("batchgen.batch.lines.MAX_LINES", 5)
     sim, clock = batch_sim()
     write_prompts(tmp_path / "in.csv", PROMPTS)
     assert batch_run(sim).exit_code == 6
@@ -443,21 +453,24 @@ def test_files_split_at_the_line_limit_in_input_order(batch_sim, tmp_path, monke
 
 
 def test_a_row_in_neither_file_of_an_ended_batch_is_flagged_and_sent_again():
-    from batchgen.batch.mode import MISSING, _unanswered
-    from batchgen.batch.remote import RemoteBatch
-    from batchgen.batch.store import ChunkRow
-
     ended = RemoteBatch("batch_1", "completed", "f-in", "f-out", None, EPOCH, "24h", 2, 1, 0, {})
-    line = _unanswered(ChunkRow(2, "r1", "r1", "h"), ended, {}, "qwen-plus")
+    line = unanswered(ChunkRow(2, "r1", "h"), ended, {}, "qwen-plus", "batch")
     assert not line.final and line.result.error_code == MISSING and "batch_1" in line.result.error_message
+    assert "a new batch on the next run" in line.result.error_message
     failed = RemoteBatch(
         "batch_2", "failed", "f-in", None, None, EPOCH, "24h", 0, 0, 0, {},
         ({"code": "mismatched_model", "message": "Line 2: another model", "line": 2},),
     )  # fmt: skip
-    named = _unanswered(ChunkRow(2, "r1", "r1", "h"), failed, {2: failed.errors[0]}, "qwen-plus")
+    named = unanswered(ChunkRow(2, "r1", "h"), failed, {2: failed.errors[0]}, "qwen-plus", "batch")
     assert named.final and named.result.error_code == "mismatched_model"
-    other = _unanswered(ChunkRow(1, "r0", "r0", "h"), failed, {2: failed.errors[0]}, "qwen-plus")
+    other = unanswered(ChunkRow(1, "r0", "h"), failed, {2: failed.errors[0]}, "qwen-plus", "online")
     assert not other.final and other.result.error_code == "batch_failed"
+    assert "another model" in other.result.error_message and "sent online" in other.result.error_message
+    # cancelled while validating: no file lists the line; it was never run
+    cancelled = RemoteBatch("batch_3", "cancelled", "f-in", None, None, EPOCH, "24h", 0, 0, 0, {})
+    never = unanswered(ChunkRow(1, "r0", "h"), cancelled, {}, "qwen-plus", "none")
+    assert not never.final and never.result.error_code == "batch_cancelled"
+    assert "not sent again (--batch-fallback none)" in never.result.error_message
 
 
 def test_wait_polls_every_minute_backing_off_to_five_and_says_the_phase(batch_sim, tmp_path, caplog):
@@ -509,7 +522,7 @@ def test_a_batch_the_service_no_longer_knows_frees_its_rows(batch_sim, tmp_path)
     assert batch_run(sim).exit_code == 6
     clock.advance(31 * DAY)  # past the 30 days batches can be queried
     result = batch_run(sim)
-    assert "is unknown to" in result.stderr and "its 3 rows are sent again" in result.stderr
+    assert "is no longer known to" in result.stderr and "its 3 rows are sent again" in result.stderr
     assert result.exit_code == 6 and len(sim.stats.batch.created) == 2
 
 
@@ -528,3 +541,234 @@ def test_batch_mode_from_a_job_file(batch_sim, tmp_path):
     bad.write_text('input = "in.csv"\noutput = "o2.csv"\nbatch = "yes"\n')
     refused = invoke(["run", "--job", str(bad)], sim)
     assert refused.exit_code == 2 and "'batch'" in refused.stderr
+
+
+def chunk_table(out: str = "out.csv") -> list[sqlite3.Row]:
+    with contextlib.closing(sqlite3.connect(journal_path(Path(out)))) as db:
+        db.row_factory = sqlite3.Row
+        return db.execute("SELECT * FROM batch_chunks ORDER BY rowid").fetchall()
+
+
+def test_a_create_answered_500_is_not_sent_again_by_that_run_and_is_looked_up_by_the_next(
+    batch_sim, tmp_path
+):
+    sim, clock = batch_sim(batch_fault_create_500=1.0)
+    write_prompts(tmp_path / "in.csv", PROMPTS)
+    first = batch_run(sim)
+    assert first.exit_code == 6 and "lists no batch of it yet" in first.stderr, first.stderr
+    assert sim.stats.batch.failed_creates == 1 and sim.stats.batch.created == []  # one create, no resend
+    assert set(read()["status"]) == {"pending"} and [c["state"] for c in chunk_table()] == ["uploaded"]
+
+    object.__setattr__(sim.config, "batch_fault_create_500", 0.0)  # the service is well again
+    second = batch_run(sim)  # looks the batch up by file and name, finds none, sends the rows again
+    assert second.exit_code == 6 and len(sim.stats.batch.created) == 1
+    assert [c["state"] for c in chunk_table()] == ["abandoned", "submitted"]
+    clock.advance(DAY / 2)
+    assert batch_run(sim).exit_code == 0 and executed(sim) == Counter(IDS)
+    assert stored_files(sim) == []
+
+
+def test_two_batches_made_of_one_file_the_later_is_cancelled_before_it_runs(batch_sim, tmp_path):
+    sim, clock = batch_sim(batch_fault_create_500=1.0)
+    write_prompts(tmp_path / "in.csv", PROMPTS)
+    assert batch_run(sim).exit_code == 6
+    (chunk,) = chunk_table()
+    url = sim.base_url.replace("/api/v1", "/compatible-mode/v1/batches")
+    payload = {"input_file_id": chunk["file_id"], "endpoint": "/v1/chat/completions",
+               "completion_window": "24h", "metadata": {"ds_name": chunk["name"]}}  # fmt: skip
+    object.__setattr__(sim.config, "batch_fault_create_500", 0.0)
+    made = [
+        httpx.post(url, json=payload, headers={"Authorization": f"Bearer {KEY}"}).json() for _ in range(2)
+    ]
+    clock.advance(1)
+    result = batch_run(sim)
+    assert f"batch {made[1]['id']} repeats {made[0]['id']}" in result.stderr, result.stderr
+    assert sim.stats.batch.calls["cancel"] == 1 and set(read()["batch_id"]) == {made[0]["id"]}
+    clock.advance(DAY / 2)
+    assert batch_run(sim).exit_code == 0 and executed(sim) == Counter(IDS)  # the repeat ran nothing
+
+
+def test_a_changed_prompt_waits_for_the_batch_that_holds_its_row(batch_sim, tmp_path):
+    sim, clock = batch_sim()
+    write_prompts(tmp_path / "in.csv", PROMPTS[:3])
+    assert batch_run(sim).exit_code == 6
+    write_prompts(tmp_path / "in.csv", [PROMPTS[0], "A changed question.", PROMPTS[2]])
+    held = batch_run(sim)
+    assert held.exit_code == 6 and set(read()["status"]) == {"pending"}
+    assert len(sim.stats.batch.created) == 1  # r001 is in a running batch: not sent in another
+    clock.advance(DAY / 2)
+    collected = batch_run(sim)  # the old answer is collected; the changed prompt goes now
+    assert collected.exit_code == 6 and read()["status"].to_list() == ["ok", "pending", "ok"]
+    clock.advance(DAY / 2)
+    assert batch_run(sim).exit_code == 0 and len(sim.stats.batch.created) == 2
+    assert executed(sim) == Counter({"r000": 1, "r001": 2, "r002": 1})  # each request paid once
+
+
+def test_batches_another_service_holds_stay_pending_there(batch_sim, tmp_path):
+    first, clock = batch_sim()
+    other, _ = batch_sim()
+    write_prompts(tmp_path / "in.csv", PROMPTS[:3])
+    assert batch_run(first).exit_code == 6
+    elsewhere = batch_run(other)
+    assert elsewhere.exit_code == 6 and f"was submitted to {first.compatible_base_url}" in elsewhere.stderr
+    assert other.stats.batch.created == [] and set(read()["status"]) == {"pending"}
+    clock.advance(DAY / 2)
+    assert batch_run(first).exit_code == 0 and executed(first) == Counter(IDS[:3])
+
+
+def test_a_batch_unknown_before_its_30_days_keeps_its_rows_pending(batch_sim, tmp_path):
+    sim, clock = batch_sim()
+    write_prompts(tmp_path / "in.csv", PROMPTS[:3])
+    assert batch_run(sim).exit_code == 6
+    with contextlib.closing(sqlite3.connect(journal_path(Path("out.csv")))) as db, db:
+        db.execute("UPDATE batch_chunks SET batch_id = 'batch_of_another_key'")  # as another key sees it
+    unknown = batch_run(sim)
+    assert unknown.exit_code == 6 and "is unknown to" in unknown.stderr and "stay pending" in unknown.stderr
+    assert len(sim.stats.batch.created) == 1 and set(read()["status"]) == {"pending"}
+    clock.advance(31 * DAY)
+    late = batch_run(sim)
+    assert "no longer known" in late.stderr and len(sim.stats.batch.created) == 2
+
+
+def test_simulate_without_wait_says_its_batches_end_with_the_run(tmp_path):
+    write_prompts(tmp_path / "in.csv", PROMPTS[:3])
+    alone = invoke(["run", "in.csv", "-o", "out.csv", "--batch", "--simulate"], key=None)
+    assert alone.exit_code == 6 and "ends with this run" in alone.stderr, alone.stderr
+    again = invoke(["run", "in.csv", "-o", "out.csv", "--batch", "--simulate", "--wait"], key=None)
+    assert again.exit_code == 0 and "ran on the simulator of an earlier --simulate run" in again.stderr
+    assert set(read()["status"]) == {"ok"}
+
+
+def test_a_real_time_run_after_batch_mode_reuses_its_answers_with_api_openai(batch_sim, tmp_path):
+    sim, clock = batch_sim()
+    write_prompts(tmp_path / "in.csv", PROMPTS[:3])
+    assert batch_run(sim).exit_code == 6
+    clock.advance(DAY / 2)
+    assert batch_run(sim).exit_code == 0
+    reused = invoke(["run", "in.csv", "-o", "out.csv", "--id-column", "id", "--api", "openai"], sim)
+    assert reused.exit_code == 0 and "add --api openai" not in reused.stderr, reused.stderr
+    assert "3 done, 0 to go" in reused.stderr and sim.stats.outcomes["ok"] == 0  # nothing sent online
+    assert set(read()["billing_mode"]) == {"batch"}
+    native = invoke(["run", "in.csv", "-o", "out.csv", "--id-column", "id"], sim)  # the native API's requests
+    assert "add --api openai to reuse them" in native.stderr, native.stderr
+    assert sim.stats.outcomes["ok"] == 3
+
+
+def test_ctrl_c_twice_during_an_upload_stops_at_once_and_the_next_run_settles_it(batch_sim, tmp_path):
+    sim, clock = batch_sim(batch_hang_after=("upload",), hang_seconds=60)
+    write_prompts(tmp_path / "in.csv", PROMPTS)
+    env = {**os.environ, "DASHSCOPE_HTTP_BASE_URL": sim.base_url, "DASHSCOPE_API_KEY": KEY}
+    args = [
+        sys.executable,
+        "-m",
+        "batchgen",
+        "run",
+        "in.csv",
+        "-o",
+        "out.csv",
+        "--batch",
+        "--id-column",
+        "id",
+    ]
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not sim.stats.batch.files_uploaded:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 130 and "the batch pass stopped where it was" in stderr, stderr
+    assert read()["id"].to_list() == IDS and set(read()["status"]) == {"pending"}
+
+    assert batch_run(sim).exit_code == 6  # the upload is found by name and freed; the rows go again
+    clock.advance(DAY / 2)
+    assert batch_run(sim).exit_code == 0 and executed(sim) == Counter(IDS)
+    assert len(sim.stats.batch.created) == 1 and stored_files(sim) == []
+
+
+def test_collect_streams_the_files_keeps_an_answer_over_an_error_and_counts_unreadable_lines(
+    tmp_path, caplog
+):
+    """Shapes the simulator never sends: a custom_id twice (error, then answer; answer, then
+    error) and lines that are not JSON. Served by a transport, read by the real collect."""
+    import asyncio
+    import json
+
+    from batchgen.batch.mode import BatchRun, BatchSettings
+    from batchgen.batch.remote import BatchAPI
+    from batchgen.batch.store import Chunk
+    from batchgen.config import RunConfig
+    from batchgen.journal import Journal
+    from batchgen.prompts import PromptSpec
+
+    def answer(custom_id: str) -> str:
+        body = {"id": "chatcmpl-1", "object": "chat.completion", "model": "qwen-plus",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Blue."},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}}  # fmt: skip
+        response = {"status_code": 200, "request_id": f"req-{custom_id}", "body": body}
+        return json.dumps(
+            {"id": f"req-{custom_id}", "custom_id": custom_id, "response": response, "error": None}
+        )
+
+    def refused(custom_id: str) -> str:
+        error = {"code": "batch_expired", "message": "not run"}
+        return json.dumps({"id": "x", "custom_id": custom_id, "response": None, "error": error})
+
+    files = {
+        "f-out": "\n".join([refused("r0"), answer("r0"), answer("r1"), "not json", ""]),
+        "f-err": "\n".join([refused("r1"), "{broken", refused("r2")]),
+    }
+
+    def serve(request: httpx.Request) -> httpx.Response:
+        parts = request.url.path.strip("/").split("/")
+        if request.method == "GET" and parts[-1] == "content":
+            return httpx.Response(200, content=files[parts[-2]].encode())
+        return httpx.Response(200, json={"id": parts[-1], "deleted": True})
+
+    config = RunConfig(api_key=KEY, base_url="http://batch.test/compatible-mode/v1", api="openai")
+    with Journal(tmp_path / "j.sqlite") as journal:
+        journal.open()
+
+        async def collect() -> None:
+            async with BatchAPI(config, transport=httpx.MockTransport(serve)) as api:
+                run = BatchRun(config, PromptSpec(), journal, api, BatchSettings(), tmp_path / "out.csv",
+                               id_column=None, endpoint="chat")  # fmt: skip
+                chunk = Chunk("c1", "qwen-plus", 3, 100, "24h", service=run.service, file_id="f-in")
+                run.store.add(chunk, [ChunkRow(i + 1, f"r{i}", "h") for i in range(3)])
+                remote = RemoteBatch(
+                    "batch_1", "expired", "f-in", "f-out", "f-err", EPOCH, "24h", 3, 2, 1, {}
+                )
+                await run.collect(chunk, remote)
+
+        with caplog.at_level("INFO", logger="batchgen"):
+            asyncio.run(collect())
+        found = journal.lookup(["r0", "r1", "r2"])
+    status = {key: answers["h"].status for key, answers in found.items()}
+    assert status == {"r0": "ok", "r1": "ok", "r2": "error"}
+    assert found["r2"]["h"].result["error_code"] == "batch_expired"
+    assert "2 lines of batch batch_1's result files could not be read" in caplog.text
+    assert "2 of 3 rows answered" in caplog.text
+
+
+def test_a_full_disk_while_writing_a_batch_file_is_one_line_and_loses_no_row(
+    batch_sim, tmp_path, monkeypatch
+):
+    import errno
+
+    from batchgen.batch.lines import ChunkFile
+
+    def full(self: ChunkFile, line: bytes, row: ChunkRow, worst: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    sim, _ = batch_sim()
+    write_prompts(tmp_path / "in.csv", PROMPTS[:3])
+    monkeypatch.setattr(ChunkFile, "append", full)
+    result = batch_run(sim)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "batch mode could not write beside out.csv: No space left on device; free space" in result.stderr
+    assert read()["id"].to_list() == IDS[:3] and sim.stats.batch.files_uploaded == 0
+    assert not list(tmp_path.glob(".out.csv.batch.tmp"))

@@ -10,28 +10,39 @@ one of three shapes (``../shared/dashscope-protocol.md``, "Batch API"):
 - never run: ``"response": null, "error": {"code": "batch_expired" | "batch_cancelled", ...}``,
   free, and sent again.
 
-Pure functions, tested on the recorded shapes in ``tests/test_batch_lines.py``.
+Pure functions, tested on the recorded shapes in ``tests/test_batch_lines.py``, and the
+:class:`ChunkFile` an input file is written to, line by line, within the file limits.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from batchgen.api.openai import interpret, parse_reply
 from batchgen.api.types import APIError, Disposition, as_dict
 from batchgen.errors import RowProblem
 from batchgen.results import ERROR, OK, RowResult, utc_now
 
+if TYPE_CHECKING:
+    from batchgen.batch.remote import RemoteBatch
+    from batchgen.batch.store import ChunkRow
+
 ENDPOINT = "/v1/chat/completions"  # the url of every request line, and the batch's endpoint
 MAX_LINES = 50_000  # requests in one file
-MAX_FILE_BYTES = 500 * 1024 * 1024
-MAX_LINE_BYTES = 6 * 1024 * 1024
+MAX_FILE_BYTES = 480_000_000  # the limit is "500 MB": decimal, with room for the multipart framing
+MAX_LINE_BYTES = 6_000_000  # "6 MB", read as decimal (the smaller)
 TOO_LARGE = "batchgen.TooLarge"
 NOT_RUN = "not run"  # the error message prefix of a line the batch ended before running
 BATCH = "batch"  # the billing_mode of a row answered in a batch
+MISSING = "batchgen.BatchLineMissing"  # a row in neither file of an ended batch
 
 
 def request_line(custom_id: str, body: Mapping[str, Any]) -> bytes:
@@ -46,7 +57,7 @@ def line_problem(line: bytes) -> RowProblem | None:
         return None
     return RowProblem(
         TOO_LARGE,
-        f"the batch line is {len(line) / 2**20:.1f} MiB, over the Batch API's 6 MiB a line: "
+        f"the batch line is {len(line) / 1e6:.1f} MB, over the Batch API's 6 MB a line: "
         "send fewer or smaller images (or image URLs), or a shorter prompt",
     )
 
@@ -139,3 +150,65 @@ def read_result_line(
     message = f"{NOT_RUN}: {error.get('message') or code}"
     not_run = APIError(None, code, message, None, Disposition.RETRY)
     return LineResult(custom_id, _error_row(not_run, model, batch_id, 0), False)
+
+
+_NOT_RUN = {"cancelled": "batch_cancelled", "expired": "batch_expired", "failed": "batch_failed"}
+_THEN = {"batch": "it goes in a new batch on the next run", "online": "it is sent online",
+         "none": "it is not sent again (--batch-fallback none)"}  # fmt: skip
+
+
+def unanswered(
+    row: ChunkRow, remote: RemoteBatch, bad_lines: dict[int, Any], model: str, fallback: str
+) -> LineResult:
+    """A row of an ended batch with no result line: refused by validation, not run, or missing."""
+    error = bad_lines.get(row.line)
+    if error is not None:  # the service named this line: the same line would fail again
+        code, message, final = str(error.get("code") or "invalid_line"), str(error.get("message")), True
+    else:
+        code, final = _NOT_RUN.get(remote.status, MISSING), False
+        if remote.status == "failed":
+            first = remote.errors[0] if remote.errors else {}
+            why = f"failed validation ({first.get('message') or 'no detail'})"
+        else:
+            why = f"ended ({remote.status}) with no result line for this row"
+        message = f"batch {remote.id} {why}; {_THEN[fallback]}"
+    result = RowResult(
+        status=ERROR, model=model, error_code=code, error_message=message, attempts=0,
+        billing_mode=BATCH, batch_id=remote.id, finished_at=utc_now(),
+    )  # fmt: skip
+    return LineResult(row.key, result, final)
+
+
+class ChunkFile:
+    """The chunk being built: its lines in a temporary file beside the output, its rows."""
+
+    def __init__(self, output: Path) -> None:
+        self.path = output.with_name(f".{output.name}.batch.tmp")
+        self.rows: list[ChunkRow] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows = []
+        self.size = 0
+        self.worst = Decimal(0)  # --max-cost: the most its lines can cost
+        self.digest = hashlib.sha256()
+        self.file = open(self.path, "wb")  # noqa: SIM115 (closed by close/discard)
+
+    def fits(self, size: int) -> bool:
+        return len(self.rows) < MAX_LINES and self.size + size <= MAX_FILE_BYTES
+
+    def append(self, line: bytes, row: ChunkRow, worst: Decimal) -> None:
+        self.worst += worst
+        self.file.write(line)
+        self.digest.update(line)
+        self.size += len(line)
+        self.rows.append(row)
+
+    def close(self) -> Path:
+        self.file.close()
+        return self.path
+
+    def discard(self) -> None:
+        self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)

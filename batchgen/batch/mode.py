@@ -19,25 +19,15 @@ sent online by this run (``"online"``) or stay errors (``"none"``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import logging
-import os
-from collections.abc import Awaitable, Callable, Iterable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
-from batchgen.batch.lines import (
-    BATCH,
-    MAX_FILE_BYTES,
-    MAX_LINES,
-    LineResult,
-    line_problem,
-    read_result_line,
-    request_line,
-)
+from batchgen.batch.lines import BATCH, ChunkFile, line_problem, read_result_line, request_line, unanswered
 from batchgen.batch.remote import BatchAPI, LostAnswer, RemoteBatch
 from batchgen.batch.store import ABANDONED, COLLECTED, FORMED, UPLOADED, BatchStore, Chunk, ChunkRow
 from batchgen.budget import Budget
@@ -55,7 +45,22 @@ log = logging.getLogger("batchgen")
 
 FALLBACKS = ("batch", "online", "none")
 Hold = Callable[[list[PlannedRow]], "list[tuple[RowResult, bool] | None]"]  # the pool's ``hold``
-MISSING = "batchgen.BatchLineMissing"
+SIMULATED = "--simulate's simulator"  # the service of chunks a --simulate run submitted
+RETENTION_SECONDS = 30 * 86400  # the service answers for a batch this long after its creation
+
+
+def now() -> float:
+    """The time, for the 30-day rule (tests move it)."""
+    return time.time()
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+async def _no_lines() -> AsyncIterator[bytes]:
+    return
+    yield  # pragma: no cover
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class BatchSettings:
     poll: float = 60.0  # first wait between polls under --wait, then x1.5 up to poll_max
     poll_max: float = 300.0
     speed: float = 1.0  # the simulator's batch clock speed: waits are divided by it
+    simulated: bool = False  # --simulate: the batches live in a simulator that ends with the run
 
 
 @dataclass
@@ -88,6 +94,8 @@ class BatchRun:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     store: BatchStore = field(init=False)
     collected_now: set[str] = field(default_factory=set)  # their leftovers wait for the next run
+    mine: set[str] = field(default_factory=set)  # chunks this run submitted
+    unsure: set[str] = field(default_factory=set)  # ... whose create went unanswered and unlisted
     submitted: int = 0
 
     def __post_init__(self) -> None:
@@ -97,6 +105,14 @@ class BatchRun:
     def stopping(self) -> bool:
         return self.control.stopping
 
+    @property
+    def service(self) -> str:
+        """Where this run's batches live; a chunk from elsewhere is left for a run there."""
+        if self.settings.simulated:
+            return SIMULATED
+        workspace = self.config.workspace
+        return self.config.base_url + (f" (workspace {workspace})" if workspace else "")
+
     async def prepare(self, batches: Iterable[Batch]) -> None:
         """Settle, collect, submit, and with ``wait`` poll until every batch has ended."""
         await self.settle()
@@ -104,6 +120,12 @@ class BatchRun:
             await self.submit(batches)
         if self.settings.wait:
             await self.wait()
+        elif self.settings.simulated and self.submitted:
+            log.warning(
+                "--simulate's simulator ends with this run, and its batches with it: the next run "
+                "sends these rows again. Add --wait, or start `batchgen simulate` and point "
+                "DASHSCOPE_HTTP_BASE_URL at it to keep batches between runs"
+            )
 
     # -- 1. settle ---------------------------------------------------------------------------
     async def settle(self) -> list[RemoteBatch]:
@@ -118,60 +140,110 @@ class BatchRun:
         return running
 
     async def settle_chunk(self, chunk: Chunk) -> RemoteBatch | None:
-        if chunk.state == FORMED:  # killed before its upload was recorded: no batch can exist
+        if chunk.service == SIMULATED and chunk.name not in self.mine:
+            log.warning(
+                "%s ran on the simulator of an earlier --simulate run, which ended with it: its "
+                "%s rows are sent again", chunk.batch_id or chunk.name, f"{chunk.lines:,}",
+            )  # fmt: skip
+            self.store.close(chunk.name, ABANDONED)
+            return None
+        if chunk.service != self.service:
+            if chunk.state != FORMED:  # its batch may run there: its rows wait for a run that reaches it
+                log.warning(
+                    "%s (%s rows) was submitted to %s, not %s: its rows stay pending; collect it "
+                    "with the base URL, --region or --workspace that reaches it",
+                    chunk.batch_id or chunk.name, f"{chunk.lines:,}", chunk.service, self.service,
+                )  # fmt: skip
+                return None
+        elif chunk.state == FORMED:  # killed before its upload was recorded: no batch can exist
             for file_id in await self.api.files_named(f"{chunk.name}.jsonl"):
                 await self.free(file_id)  # an upload whose answer never came
+        if chunk.state == FORMED:
             self.store.close(chunk.name, ABANDONED)
             return None
         if chunk.state == UPLOADED:  # killed between upload and create: did the create happen?
-            found = await self.api.find(chunk.name)
-            if not found:
-                await self.api.delete(chunk.file_id or "")
+            if chunk.name in self.unsure:  # this run's own lost create: the next run looks again
+                return None
+            assert chunk.file_id is not None
+            found = await self.created_from(chunk.name, chunk.file_id)
+            if found is None:
+                await self.free(chunk.file_id)
                 self.store.close(chunk.name, ABANDONED)
                 return None
-            self.store.set_batch(chunk.name, found[0].id, found[0].status)
-            chunk = replace(chunk, batch_id=found[0].id)
+            self.store.set_batch(chunk.name, found.id, found.status, found.created_at or time.time())
+            chunk = replace(chunk, batch_id=found.id, submitted_at=found.created_at)
         assert chunk.batch_id is not None
         try:
             remote = await self.api.retrieve(chunk.batch_id)
         except FatalAPIError as exc:
             if exc.http_status != 404:
                 raise
-            # Past the service's 30 days, or another server (each --simulate run has its own).
-            log.warning(
-                "batch %s is unknown to %s (%s): its %s rows are sent again",
-                chunk.batch_id, self.config.base_url, exc, f"{chunk.lines:,}",
-            )  # fmt: skip
-            self.store.close(chunk.name, ABANDONED)
+            self.unknown(chunk, exc)
             return None
         self.store.set_remote_status(chunk.name, remote.status)
         if remote.ended:
             await self.collect(chunk, remote)
         return remote
 
+    async def created_from(self, name: str, file_id: str) -> RemoteBatch | None:
+        """The batch a lost create made of ``file_id``, if any; more than one (a create sent
+        twice) and the later ones are cancelled, so that only one runs and is paid."""
+        found = await self.api.find(name, file_id)
+        for extra in found[1:]:
+            log.warning("batch %s repeats %s (same file, %s): cancelling it", extra.id, found[0].id, name)
+            if not extra.ended:
+                await self.api.cancel(extra.id)
+        return found[0] if found else None
+
+    def unknown(self, chunk: Chunk, exc: FatalAPIError) -> None:
+        """A batch the service answers 404 for: past its 30 days, its rows go again; before, it
+        may be another account's (another key): its rows wait, never paid twice."""
+        submitted = chunk.submitted_at or 0.0
+        if chunk.service == SIMULATED or now() - submitted > RETENTION_SECONDS:
+            log.warning(
+                "batch %s is no longer known to %s (batches are kept 30 days): its %s rows are sent "
+                "again", chunk.batch_id, self.service, f"{chunk.lines:,}",
+            )  # fmt: skip
+            self.store.close(chunk.name, ABANDONED)
+            return
+        log.warning(
+            "batch %s, submitted %s, is unknown to %s (%s): its %s rows stay pending; run with the "
+            "API key that submitted it (they are sent again 30 days after submission)",
+            chunk.batch_id, _utc(submitted), self.service, exc, f"{chunk.lines:,}",
+        )  # fmt: skip
+
     async def collect(self, chunk: Chunk, remote: RemoteBatch) -> None:
-        """Every row of an ended batch into the journal, in one commit; then its files go."""
-        rows = {r.custom_id: r for r in self.store.rows(chunk.name)}
-        found: dict[str, LineResult] = {}
-        for file_id in (remote.output_file_id, remote.error_file_id):
-            if file_id:
-                async for raw in self.api.lines(file_id):
-                    line = read_result_line(raw, chunk.model, remote.id, self.check_json)
-                    if line is not None and line.custom_id in rows:
-                        found[line.custom_id] = line
+        """Every row of an ended batch into the journal, in one commit, its files read as they
+        stream; then its files go. A row with two result lines keeps its answer if it has one."""
+        rows = {r.key: r for r in self.store.rows(chunk.name)}
         bad_lines = {e["line"]: e for e in remote.errors if isinstance(e.get("line"), int)}
         files = [f for f in (chunk.file_id, remote.output_file_id, remote.error_file_id) if f]
+        answered: dict[str, bool] = {}  # custom_id -> the line recorded is an answer
+        unreadable = 0
         with self.store.transaction():
+            for file_id in (remote.output_file_id, remote.error_file_id):
+                async for raw in self.api.lines(file_id) if file_id else _no_lines():
+                    line = read_result_line(raw, chunk.model, remote.id, self.check_json)
+                    if line is None:
+                        unreadable += 1
+                        continue
+                    row, ok = rows.get(line.custom_id), line.result.status == "ok"
+                    if row is None or answered.get(row.key) or (row.key in answered and not ok):
+                        continue
+                    self.journal.record(row.key, row.request_hash, line.final, line.result)
+                    answered[row.key] = ok
             for row in rows.values():
-                line = found.get(row.custom_id) or _unanswered(row, remote, bad_lines, chunk.model)
-                self.journal.record(row.key, row.request_hash, line.final, line.result)
+                if row.key not in answered:
+                    line = unanswered(row, remote, bad_lines, chunk.model, self.settings.fallback)
+                    self.journal.record(row.key, row.request_hash, line.final, line.result)
             self.store.close(chunk.name, COLLECTED)
             self.store.to_free(files)
         self.collected_now.add(remote.id)
-        answered = sum(1 for line in found.values() if line.result.status == "ok")
+        if unreadable:
+            log.warning("%s lines of batch %s's result files could not be read", f"{unreadable:,}", remote.id)
         log.info(
             "collected batch %s (%s): %s of %s rows answered", remote.id, remote.status,
-            f"{answered:,}", f"{len(rows):,}",
+            f"{sum(answered.values()):,}", f"{len(rows):,}",
         )  # fmt: skip
         for file_id in files:
             await self.free(file_id)
@@ -188,8 +260,8 @@ class BatchRun:
         """An entry of a batch line that did not run or failed transiently."""
         return entry is not None and not entry.final and entry.result.get("billing_mode") == BATCH
 
-    def to_submit(self, row: PlannedRow, held: dict[tuple[str, str], str | None]) -> bool:
-        if row.problem is not None or row.earlier is not None or (row.key, row.digest) in held:
+    def to_submit(self, row: PlannedRow, held: dict[str, str | None]) -> bool:
+        if row.problem is not None or row.earlier is not None or row.key in held:
             return False
         if self.leftover(row.last):
             assert row.last is not None
@@ -200,7 +272,7 @@ class BatchRun:
         return True
 
     async def submit(self, batches: Iterable[Batch]) -> None:
-        chunk = _ChunkFile(self.output)
+        chunk = ChunkFile(self.output)
         try:
             offset = 0
             for frame, raw in batches:
@@ -222,7 +294,7 @@ class BatchRun:
         finally:
             chunk.discard()
 
-    async def add(self, chunk: _ChunkFile, row: PlannedRow) -> None:
+    async def add(self, chunk: ChunkFile, row: PlannedRow) -> None:
         assert row.body is not None
         body = row.body
         try:
@@ -248,7 +320,7 @@ class BatchRun:
                     return
         if not chunk.fits(len(line)):
             await self.seal(chunk)
-        chunk.append(line, ChunkRow(len(chunk.rows) + 1, row.key, row.key, row.digest), worst)
+        chunk.append(line, ChunkRow(len(chunk.rows) + 1, row.key, row.digest), worst)
 
     def record_problem(self, row: PlannedRow, problem: RowProblem, *, final: bool) -> None:
         result = RowResult(
@@ -257,38 +329,36 @@ class BatchRun:
         )  # fmt: skip
         self.journal.record(row.key, row.digest, final, result)
 
-    async def seal(self, chunk: _ChunkFile) -> None:
+    async def seal(self, chunk: ChunkFile) -> None:
         """Record the chunk, upload it, record the file, create the batch, record the batch."""
         digest = chunk.digest.hexdigest()[:12]
         name = f"batchgen-{self.store.journal_id}-{len(self.store.names()) + 1:05d}-{digest}"
-        record = Chunk(name, self.config.model, len(chunk.rows), chunk.size, self.settings.window)
+        record = Chunk(
+            name, self.config.model, len(chunk.rows), chunk.size, self.settings.window, service=self.service
+        )
         if self.budget is not None:
             self.budget.commit(chunk.worst)  # before the upload: a crash after it overspends nothing
         self.store.add(record, chunk.rows)
+        self.mine.add(name)
         file_id = await self.api.upload(f"{name}.jsonl", chunk.close())
         self.store.set_file(name, file_id)
         metadata = {"ds_name": name, "ds_description": f"batchgen {self.output.name}"}
-        try:
-            remote = await self.api.create(file_id, self.settings.window, metadata)
-        except LostAnswer:
-            remote = await self.created_after_all(name, file_id, metadata)
-        self.store.set_batch(name, remote.id, remote.status)
         self.submitted += len(chunk.rows)
-        log.info("submitted batch %s: %s rows (%s)", remote.id, f"{len(chunk.rows):,}", name)
-        chunk.reset()
-
-    async def created_after_all(self, name: str, file_id: str, metadata: dict[str, str]) -> RemoteBatch:
-        """A create whose answer was lost: the batch it made, else one more create."""
-        found = await self.api.find(name)
-        if found:
-            return found[0]
         try:
-            return await self.api.create(file_id, self.settings.window, metadata)
+            remote: RemoteBatch | None = await self.api.create(file_id, self.settings.window, metadata)
         except LostAnswer:
-            raise FatalAPIError(
-                f"the Batch API did not answer two creates of {name}: run the same command again "
-                "later; it looks the batch up before sending anything again"
-            ) from None
+            remote = await self.created_from(name, file_id)
+        if remote is None:  # never sent twice by one run: the next run looks again, then sends
+            self.unsure.add(name)
+            log.warning(
+                "the Batch API did not answer the create of %s and lists no batch of it yet: its %s "
+                "rows stay pending; the next run looks for it again before sending anything",
+                name, f"{len(chunk.rows):,}",
+            )  # fmt: skip
+        else:
+            self.store.set_batch(name, remote.id, remote.status, remote.created_at or time.time())
+            log.info("submitted batch %s: %s rows (%s)", remote.id, f"{len(chunk.rows):,}", name)
+        chunk.reset()
 
     # -- 3. wait -----------------------------------------------------------------------------
     async def wait(self) -> None:
@@ -298,7 +368,13 @@ class BatchRun:
             log.info("%s", _waiting_line(running))
             await self.pause(delay / self.settings.speed)
             delay = min(delay * 1.5, self.settings.poll_max)
-            running = await self.settle()
+            if not self.stopping():
+                running = await self.settle()
+        if running and self.stopping():
+            log.warning(
+                "stopped waiting: %s batch(es) keep running on the service (none is cancelled); "
+                "run the same command again to collect them", len(running),
+            )  # fmt: skip
 
     async def pause(self, seconds: float) -> None:
         """Sleep ``seconds``, waking within a second when the run is told to stop."""
@@ -320,17 +396,16 @@ class BatchRun:
             out.append(self.held_result(row, held))
         return out
 
-    def held_result(
-        self, row: PlannedRow, held: dict[tuple[str, str], str | None]
-    ) -> tuple[RowResult, bool] | None:
+    def held_result(self, row: PlannedRow, held: dict[str, str | None]) -> tuple[RowResult, bool] | None:
         if row.problem is not None:
             return None
         if row.earlier is not None:  # answered: by this run's collection, or before it
             collected_now = row.earlier.result.get("batch_id") in self.collected_now
             return (from_journal(row.earlier), False) if collected_now else None
-        if (row.key, row.digest) in held:
-            batch_id = held[(row.key, row.digest)]
-            return RowResult(PENDING, model=self.config.model, billing_mode=BATCH, batch_id=batch_id), False
+        if row.key in held:
+            return RowResult(
+                PENDING, model=self.config.model, billing_mode=BATCH, batch_id=held[row.key]
+            ), False
         if self.settings.fallback == "online" and self.leftover(row.last):
             return None
         if row.last is not None:
@@ -347,7 +422,7 @@ def held_rows(store: BatchStore, model: str) -> Hold:
     row key alone: the real-time body of the same request may be in the native API's shape."""
 
     def hold(planned: list[PlannedRow]) -> list[tuple[RowResult, bool] | None]:
-        held = {key: batch_id for (key, _), batch_id in store.held([row.key for row in planned]).items()}
+        held = store.held([row.key for row in planned])
         return [
             (RowResult(PENDING, model=model, billing_mode=BATCH, batch_id=held[row.key]), False)
             if row.problem is None and row.earlier is None and row.key in held
@@ -358,63 +433,8 @@ def held_rows(store: BatchStore, model: str) -> Hold:
     return hold
 
 
-def _unanswered(row: ChunkRow, remote: RemoteBatch, bad_lines: dict[int, Any], model: str) -> LineResult:
-    """A row of an ended batch with no result line: refused by validation, or missing."""
-    error = bad_lines.get(row.line)
-    if error is not None:  # the service named this line: the same line would fail again
-        code, message, final = str(error.get("code") or "invalid_line"), str(error.get("message")), True
-    elif remote.status == "failed":
-        first = remote.errors[0] if remote.errors else {}
-        code = "batch_failed"
-        message = f"the batch failed validation ({first.get('message') or 'no detail'}); sent again"
-        final = False
-    else:
-        code, final = MISSING, False
-        message = f"batch {remote.id} ended ({remote.status}) with no result line for this row; sent again"
-    result = RowResult(
-        status=ERROR, model=model, error_code=code, error_message=message, attempts=0,
-        billing_mode=BATCH, batch_id=remote.id, finished_at=utc_now(),
-    )  # fmt: skip
-    return LineResult(row.custom_id, result, final)
-
-
 def _waiting_line(running: list[RemoteBatch]) -> str:
     done = sum(b.completed + b.failed for b in running)
     total = sum(b.total for b in running)
     phases = ", ".join(sorted({b.status for b in running}))
     return f"waiting on {len(running)} batch(es): {phases}; {done:,}/{total:,} lines done"
-
-
-class _ChunkFile:
-    """The chunk being built: its lines in a temporary file beside the output, its rows."""
-
-    def __init__(self, output: Path) -> None:
-        self.path = output.with_name(f".{output.name}.batch.tmp")
-        self.rows: list[ChunkRow] = []
-        self.reset()
-
-    def reset(self) -> None:
-        self.rows = []
-        self.size = 0
-        self.worst = Decimal(0)  # --max-cost: the most its lines can cost
-        self.digest = hashlib.sha256()
-        self.file = open(self.path, "wb")  # noqa: SIM115 (closed by close/discard)
-
-    def fits(self, size: int) -> bool:
-        return len(self.rows) < MAX_LINES and self.size + size <= MAX_FILE_BYTES
-
-    def append(self, line: bytes, row: ChunkRow, worst: Decimal) -> None:
-        self.worst += worst
-        self.file.write(line)
-        self.digest.update(line)
-        self.size += len(line)
-        self.rows.append(row)
-
-    def close(self) -> Path:
-        self.file.close()
-        return self.path
-
-    def discard(self) -> None:
-        self.file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)

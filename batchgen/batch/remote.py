@@ -1,9 +1,10 @@
 """The Batch API's management calls: files and batches, each retried as a real-time call is.
 
 Few calls, so a plain ``httpx.AsyncClient``; 429s, 5xx and broken connections are retried
-with the run's backoff (``client.backoff_seconds``, Retry-After honoured) under tenacity. A
-create whose answer never came is *not* sent again blindly: the batch may exist, so
-``create`` raises :class:`LostAnswer` and the caller looks for it by its name first.
+with the run's backoff (``client.backoff_seconds``, Retry-After honoured) under tenacity. An
+upload or a create whose answer never came (the connection broke after sending, or a 5xx:
+the server may have acted before failing) is *not* sent again blindly: it raises
+:class:`LostAnswer` and the caller looks for the file or batch first.
 """
 
 from __future__ import annotations
@@ -46,12 +47,6 @@ def _wait(state: RetryCallState) -> float:
     return backoff_seconds(state.attempt_number, retry_after)
 
 
-def window_seconds(window: str) -> int:
-    """``24h`` / ``2d`` as seconds (the deadline is ``created_at`` plus this: ``expires_at`` is null)."""
-    number, unit = int(window[:-1]), window[-1]
-    return number * (3600 if unit == "h" else 86400)
-
-
 @dataclass(frozen=True, slots=True)
 class RemoteBatch:
     """A batch as the service last described it."""
@@ -71,10 +66,13 @@ class RemoteBatch:
 
     @classmethod
     def of(cls, body: Mapping[str, Any]) -> RemoteBatch:
+        if not isinstance(body, Mapping) or not isinstance(body.get("id"), str):
+            raise FatalAPIError(f"the Batch API described a batch without an id: {str(body)[:120]!r}")
         counts = body.get("request_counts") or {}
-        errors = (body.get("errors") or {}).get("data") or []
+        errors = body.get("errors") or {}
+        errors = errors.get("data") or [] if isinstance(errors, Mapping) else errors
         return cls(
-            id=str(body["id"]),
+            id=body["id"],
             status=str(body.get("status") or "unknown"),
             input_file_id=body.get("input_file_id"),
             output_file_id=body.get("output_file_id"),
@@ -85,16 +83,12 @@ class RemoteBatch:
             completed=int(counts.get("completed") or 0),
             failed=int(counts.get("failed") or 0),
             metadata=body.get("metadata") or {},
-            errors=tuple(e for e in errors if isinstance(e, dict)),
+            errors=tuple(e for e in errors if isinstance(e, Mapping)) if isinstance(errors, list) else (),
         )
 
     @property
     def ended(self) -> bool:
         return self.status in TERMINAL
-
-    @property
-    def deadline(self) -> int:
-        return self.created_at + window_seconds(self.completion_window)
 
 
 class BatchAPI:
@@ -122,9 +116,11 @@ class BatchAPI:
         await self._http.aclose()
 
     # -- one call ----------------------------------------------------------------------------
-    async def _once(self, method: str, path: str, *, resend: bool, **kwargs: Any) -> httpx.Response:
+    async def _once(
+        self, method: str, path: str, *, resend: bool, stream: bool, **kwargs: Any
+    ) -> httpx.Response:
         try:
-            response = await self._http.request(method, path, **kwargs)
+            response = await self._http.send(self._http.build_request(method, path, **kwargs), stream=stream)
         except httpx.TransportError as exc:
             if not resend and not isinstance(exc, httpx.ConnectError):
                 raise LostAnswer(f"{method} {path}: {type(exc).__name__}") from exc
@@ -133,13 +129,18 @@ class BatchAPI:
             raise _Transient(error) from exc
         if response.status_code < 400:
             return response
+        await response.aread()  # an error body is small; a streamed answer is read only here
+        if not resend and response.status_code >= 500:  # it may have been done before it failed
+            raise LostAnswer(f"{method} {path}: HTTP {response.status_code}")
         outcome = interpret(response.status_code, response.headers, response.content)
         assert isinstance(outcome, APIError)
         if outcome.disposition is Disposition.RETRY or response.status_code == 429:
             raise _Transient(outcome)
         raise _refused(method, path, outcome)
 
-    async def _call(self, method: str, path: str, *, resend: bool = True, **kwargs: Any) -> httpx.Response:
+    async def _call(
+        self, method: str, path: str, *, resend: bool = True, stream: bool = False, **kwargs: Any
+    ) -> httpx.Response:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(ATTEMPTS), wait=_wait, retry=retry_if_exception_type(_Transient),
             sleep=self._sleep, reraise=True,
@@ -147,15 +148,21 @@ class BatchAPI:
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._once(method, path, resend=resend, **kwargs)
+                    return await self._once(method, path, resend=resend, stream=stream, **kwargs)
         except _Transient as exc:
             raise _refused(method, path, exc.error, f" after {ATTEMPTS} attempts") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        body = (await self._call(method, path, **kwargs)).json()
+        response = await self._call(method, path, **kwargs)
+        try:
+            body = response.json()
+        except ValueError:
+            body = response.text
         if not isinstance(body, dict):
-            raise FatalAPIError(f"{method} {path} answered {str(body)[:80]!r}, not a JSON object")
+            raise FatalAPIError(
+                f"the Batch API answered {method} {path} with {str(body)[:80]!r}, not a JSON object"
+            )
         return body
 
     # -- files -------------------------------------------------------------------------------
@@ -169,7 +176,11 @@ class BatchAPI:
                     body = await self._json(
                         "POST", "files", files=files, data={"purpose": "batch"}, resend=False
                     )
-                return str(body["id"])
+                if not isinstance(body.get("id"), str):
+                    raise FatalAPIError(
+                        f"the Batch API stored {name} without naming its id: {str(body)[:120]!r}"
+                    )
+                return body["id"]
             except LostAnswer:
                 stored = await self.files_named(name)
                 if stored:
@@ -177,24 +188,31 @@ class BatchAPI:
         raise FatalAPIError(f"the Batch API never answered the upload of {name}: try again later")
 
     async def lines(self, file_id: str) -> AsyncIterator[bytes]:
-        """An output or error file's lines, streamed (the file is never held whole)."""
-        response = await self._call("GET", f"files/{file_id}/content")
-        buffer = b""
-        async for chunk in response.aiter_bytes():
-            buffer += chunk
-            *whole, buffer = buffer.split(b"\n")
-            for line in whole:
-                if line.strip():
-                    yield line
-        if buffer.strip():
-            yield buffer
+        """An output or error file's lines, streamed (the file is never held whole). A download
+        broken off midway raises: the caller records nothing of a batch until it has read all."""
+        response = await self._call("GET", f"files/{file_id}/content", stream=True)
+        try:
+            buffer = b""
+            async for chunk in response.aiter_bytes():
+                *whole, buffer = (buffer + chunk).split(b"\n")
+                for line in whole:
+                    if line.strip():
+                        yield line
+            if buffer.strip():
+                yield buffer
+        except httpx.TransportError as exc:
+            raise FatalAPIError(
+                f"the download of file {file_id} broke off ({type(exc).__name__}): run again to collect it"
+            ) from exc
+        finally:
+            await response.aclose()
 
     async def files_named(self, filename: str) -> list[str]:
         """The ids of stored files called ``filename`` (every page of the file list)."""
         found: list[str] = []
         after: str | None = None
         while True:
-            params = {"limit": 1000, **({"after": after} if after else {})}
+            params = {"limit": LIST_PAGE, **({"after": after} if after else {})}
             page = await self._json("GET", "files", params=params)
             files = [f for f in page.get("data") or [] if isinstance(f, dict) and f.get("id")]
             found += [str(f["id"]) for f in files if f.get("filename") == filename]
@@ -223,17 +241,20 @@ class BatchAPI:
     async def cancel(self, batch_id: str) -> RemoteBatch:
         return RemoteBatch.of(await self._json("POST", f"batches/{batch_id}/cancel"))
 
-    async def find(self, name: str) -> list[RemoteBatch]:
-        """The batches whose ``metadata.ds_name`` is ``name`` (the list endpoint, every page)."""
+    async def find(self, name: str, file_id: str) -> list[RemoteBatch]:
+        """The batches made from ``file_id`` whose ``metadata.ds_name`` is ``name``, oldest
+        first (the list endpoint, every page; its ``ds_name`` filter matches substrings)."""
         found: list[RemoteBatch] = []
         after: str | None = None
         while True:
-            params = {"ds_name": name, "limit": LIST_PAGE, **({"after": after} if after else {})}
-            page = await self._json("GET", "batches", params=params)
+            params = {"ds_name": name, "input_file_ids": file_id, "limit": LIST_PAGE}
+            page = await self._json(
+                "GET", "batches", params={**params, **({"after": after} if after else {})}
+            )
             batches = [RemoteBatch.of(b) for b in page.get("data") or []]
-            found += [b for b in batches if b.metadata.get("ds_name") == name]
+            found += [b for b in batches if b.metadata.get("ds_name") == name and b.input_file_id == file_id]
             if not page.get("has_more") or not batches:
-                return found
+                return sorted(reversed(found), key=lambda b: b.created_at)  # the list is newest first
             after = batches[-1].id
 
 

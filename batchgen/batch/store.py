@@ -29,12 +29,13 @@ CREATE TABLE IF NOT EXISTS batch_chunks (
     state TEXT NOT NULL,
     file_id TEXT,
     batch_id TEXT,
-    remote_status TEXT
+    remote_status TEXT,
+    service TEXT NOT NULL,
+    submitted_at REAL
 );
 CREATE TABLE IF NOT EXISTS batch_rows (
     chunk TEXT NOT NULL,
     line INTEGER NOT NULL,
-    custom_id TEXT NOT NULL,
     key TEXT NOT NULL,
     request_hash TEXT NOT NULL,
     PRIMARY KEY (chunk, line)
@@ -58,13 +59,14 @@ class Chunk:
     file_id: str | None = None
     batch_id: str | None = None
     remote_status: str | None = None
+    service: str = ""  # where its file and batch live: base URL and workspace (``BatchRun.service``)
+    submitted_at: float | None = None  # unix time of the create, by this machine's clock
 
 
 @dataclass(frozen=True, slots=True)
 class ChunkRow:
     line: int  # 1-based, as the service's validation errors count
-    custom_id: str
-    key: str
+    key: str  # the row's key, also its line's custom_id
     request_hash: str
 
 
@@ -92,12 +94,12 @@ class BatchStore:
     def add(self, chunk: Chunk, rows: list[ChunkRow]) -> None:
         with self.transaction():
             self._db.execute(
-                "INSERT INTO batch_chunks VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, NULL)",
-                (chunk.name, chunk.model, chunk.lines, chunk.bytes, chunk.window, FORMED),
+                "INSERT INTO batch_chunks VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?, NULL)",
+                (chunk.name, chunk.model, chunk.lines, chunk.bytes, chunk.window, FORMED, chunk.service),
             )
             self._db.executemany(
-                "INSERT INTO batch_rows VALUES (?, ?, ?, ?, ?)",
-                [(chunk.name, r.line, r.custom_id, r.key, r.request_hash) for r in rows],
+                "INSERT INTO batch_rows VALUES (?, ?, ?, ?)",
+                [(chunk.name, r.line, r.key, r.request_hash) for r in rows],
             )
 
     def set_file(self, name: str, file_id: str) -> None:
@@ -105,10 +107,11 @@ class BatchStore:
             "UPDATE batch_chunks SET file_id = ?, state = ? WHERE name = ?", (file_id, UPLOADED, name)
         )
 
-    def set_batch(self, name: str, batch_id: str, remote_status: str) -> None:
+    def set_batch(self, name: str, batch_id: str, remote_status: str, created_at: float) -> None:
         self._db.execute(
-            "UPDATE batch_chunks SET batch_id = ?, state = ?, remote_status = ? WHERE name = ?",
-            (batch_id, SUBMITTED, remote_status, name),
+            "UPDATE batch_chunks SET batch_id = ?, state = ?, remote_status = ?, submitted_at = ? "
+            "WHERE name = ?",
+            (batch_id, SUBMITTED, remote_status, created_at, name),
         )
 
     def set_remote_status(self, name: str, remote_status: str) -> None:
@@ -142,21 +145,21 @@ class BatchStore:
         return {name for (name,) in self._db.execute("SELECT name FROM batch_chunks")}
 
     def rows(self, name: str) -> list[ChunkRow]:
-        query = "SELECT line, custom_id, key, request_hash FROM batch_rows WHERE chunk = ? ORDER BY line"
+        query = "SELECT line, key, request_hash FROM batch_rows WHERE chunk = ? ORDER BY line"
         return [ChunkRow(*row) for row in self._db.execute(query, (name,))]
 
     # -- rows --------------------------------------------------------------------------------
-    def held(self, keys: list[str]) -> dict[tuple[str, str], str | None]:
-        """(key, request hash) -> batch id (None before its create) of ``keys`` that sit in a
-        chunk not yet collected: those rows are never sent online or in another batch."""
-        found: dict[tuple[str, str], str | None] = {}
+    def held(self, keys: list[str]) -> dict[str, str | None]:
+        """Key -> batch id (None before its create) of the ``keys`` that sit in a chunk not yet
+        collected: those rows are never sent online or in another batch, whatever their request
+        is now (a changed prompt waits for the batch holding the old one)."""
+        found: dict[str, str | None] = {}
         marks = ",".join("?" * len(OPEN_STATES))
         for start in range(0, len(keys), 900):
             chunk = keys[start : start + 900]
             query = (
-                "SELECT r.key, r.request_hash, c.batch_id FROM batch_rows r JOIN batch_chunks c "
+                "SELECT r.key, c.batch_id FROM batch_rows r JOIN batch_chunks c "
                 f"ON c.name = r.chunk WHERE c.state IN ({marks}) AND r.key IN ({','.join('?' * len(chunk))})"
             )
-            for key, digest, batch_id in self._db.execute(query, (*OPEN_STATES, *chunk)):
-                found[(key, digest)] = batch_id
+            found.update(self._db.execute(query, (*OPEN_STATES, *chunk)))
         return found

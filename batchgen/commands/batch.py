@@ -8,16 +8,18 @@ next run; the others follow ``--batch-fallback``). None of them writes the outpu
 from __future__ import annotations
 
 import asyncio
-import sys
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from batchgen.batch.remote import BatchAPI, RemoteBatch
-from batchgen.batch.store import BatchStore, Chunk
-from batchgen.config import RunConfig, api_key_from_env, no_key_message, resolve_base_url
+from batchgen.batch.store import OPEN_STATES, SUBMITTED, BatchStore, Chunk
+from batchgen.config import ENV_API_KEY, ENV_OPENAI_KEY, RunConfig, api_key_from_env, resolve_base_url
 from batchgen.errors import UsageError
 from batchgen.journal import Journal, journal_path
+
+log = logging.getLogger("batchgen")
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,9 @@ class BatchTarget:
     def config(self) -> RunConfig:
         key = api_key_from_env("openai")
         if not key:
-            raise UsageError(no_key_message("openai"))
+            raise UsageError(
+                f"no API key: set {ENV_API_KEY} (or {ENV_OPENAI_KEY}) to the key that submitted the batches"
+            )
         url = resolve_base_url(self.base_url, self.region, api="openai")
         return RunConfig(api_key=key, base_url=url, api="openai", workspace=self.workspace)
 
@@ -73,17 +77,19 @@ def batch_cancel(target: BatchTarget, echo: Callable[[str], None] = print) -> in
 
 
 async def _remote(target: BatchTarget, *, cancel: bool, echo: Callable[[str], None]) -> int:
-    chunks = [c for c in _chunks(target.output) if c.batch_id and c.state == "submitted"]
+    chunks = [c for c in _chunks(target.output) if c.state in OPEN_STATES]
     if not chunks:
         echo(f"no batch of {target.output} is waiting to be collected")
         return 0
     async with BatchAPI(target.config()) as api:
         for chunk in chunks:
-            assert chunk.batch_id is not None
+            if chunk.state != SUBMITTED or chunk.batch_id is None:  # no batch id recorded (yet)
+                echo(_line(chunk) + "  (the next batchgen run --batch looks it up)")
+                continue
             remote = await api.retrieve(chunk.batch_id)
             if cancel and not remote.ended:
                 remote = await api.cancel(chunk.batch_id)
             echo(_line(chunk, remote))
     if cancel:
-        print("cancelled; run the same batchgen run command to collect what they finished", file=sys.stderr)
+        log.info("cancel asked; run the same batchgen run command to collect what they finished")
     return 0

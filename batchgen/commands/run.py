@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import polars as pl
 from batchgen import __version__
 from batchgen.batch.mode import BatchRun, BatchSettings, Hold, held_rows
 from batchgen.batch.remote import BatchAPI
-from batchgen.batch.store import BatchStore
+from batchgen.batch.store import COLLECTED, BatchStore
 from batchgen.budget import Budget
 from batchgen.commands.dryrun import dry_run
 from batchgen.commands.outputs import beside, keep_other_request_set, remove_superseded, signals_deferred
@@ -167,6 +168,7 @@ class _LockedRun:
             loop.add_signal_handler(sig, _on_signal, control, sig.name, grace)
         try:
             hold, fatal = None, None
+            started = time.monotonic()
             if self.options.batch.batch:
                 hold, fatal = await self._batch_pass(config, control)
             else:
@@ -180,6 +182,7 @@ class _LockedRun:
             )  # fmt: skip
             if fatal is not None and result.fatal is None:
                 result.fatal, fatal.result = fatal, result
+            result.stats.started = started  # the summary's time includes the batch pass
             return result
         finally:
             for sig in signals:
@@ -188,6 +191,11 @@ class _LockedRun:
     def _held_by_batches(self) -> Hold | None:
         """Rows in batches an earlier ``--batch`` run submitted stay pending in a real-time run."""
         store = BatchStore(self.journal)
+        if self.options.server.api != "openai" and any(c.state == COLLECTED for c in store.chunks()):
+            log.warning(
+                "this output's answers came from batch mode, as OpenAI-compatible requests: add "
+                "--api openai to reuse them, or this run sends their rows again"
+            )
         running = store.chunks(open_only=True)
         if not running:
             return None
@@ -205,17 +213,34 @@ class _LockedRun:
         Batch API stops the pass, and the output is still written, every row accounted for."""
         batch = self.options.batch
         speed = batch_speed(self.options)
-        settings = BatchSettings(batch.batch_window, batch.wait, batch.batch_fallback, speed=speed)
+        settings = BatchSettings(
+            batch.batch_window,
+            batch.wait,
+            batch.batch_fallback,
+            speed=speed,
+            simulated=self.options.server.simulate,
+        )
         async with BatchAPI(config) as api:
             run = BatchRun(
                 config, self.prepared.spec, self.journal, api, settings, self.output,
                 id_column=self.options.input.id_column, endpoint=self.metadata["endpoint"],
                 retry_errors=self.options.policy.retry_errors, control=control, budget=self.budget,
             )  # fmt: skip
-            try:
-                await run.prepare(self.prepared.source.batches())
-            except FatalAPIError as exc:
-                return run.hold, exc
+            task = asyncio.create_task(run.prepare(self.prepared.source.batches()))
+            with control.watching(task):  # a second Ctrl-C stops the pass where it is
+                try:
+                    await task
+                except FatalAPIError as exc:
+                    return run.hold, exc
+                except OSError as exc:  # the chunk file beside the output: a full disk, say
+                    message = f"batch mode could not write beside {self.output}: {exc.strerror or exc}"
+                    return run.hold, FatalAPIError(
+                        message + "; free space there and run again", code="OSError"
+                    )
+                except asyncio.CancelledError:
+                    if not task.cancelled() or asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                        raise
+                    log.warning("the batch pass stopped where it was; the next run settles what it left")
         return run.hold, None
 
     def _progress(self) -> Progress | JsonProgress | None:
