@@ -15,7 +15,7 @@ from decimal import Decimal
 
 import polars as pl
 
-from batchgen.api.types import Disposition
+from batchgen.api.types import Disposition, Reply
 from batchgen.client import CallOutcome
 from batchgen.errors import ExitCode, FatalAPIError, UsageError
 from batchgen.images import IMAGE_NOT_FOUND
@@ -164,31 +164,42 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def answered(
+    r: Reply, model: str, check_json: Callable[[str | None], bool] | None, *, http_status: int | None,
+    attempts: int, latency_ms: float | None = None, billing_mode: str = ONLINE, batch_id: str | None = None,
+) -> RowResult:  # fmt: skip
+    """An answered row's output columns (a real-time reply, or a batch's result line)."""
+    return RowResult(
+        status=OK,
+        model=model,
+        reply=r.content,
+        reply_json_valid=check_json(r.content) if check_json is not None else None,
+        reasoning=r.reasoning,
+        finish_reason=r.finish_reason,
+        request_id=r.request_id,
+        input_tokens=r.input_tokens,
+        output_tokens=r.output_tokens,
+        total_tokens=r.total_tokens,
+        cached_tokens=r.cached_tokens,
+        reasoning_tokens=r.reasoning_tokens,
+        http_status=http_status,
+        attempts=attempts,
+        latency_ms=latency_ms,
+        billing_mode=billing_mode,
+        batch_id=batch_id,
+        finished_at=utc_now(),
+    )
+
+
 def result_of(
     outcome: CallOutcome, model: str, check_json: Callable[[str | None], bool] | None = None
 ) -> tuple[RowResult, bool]:
     """The row's output columns, and whether that outcome is final (sending again would repeat it)."""
     if outcome.reply is not None:
-        r = outcome.reply
-        return RowResult(
-            status=OK,
-            model=model,
-            reply=r.content,
-            reply_json_valid=check_json(r.content) if check_json is not None else None,
-            reasoning=r.reasoning,
-            finish_reason=r.finish_reason,
-            request_id=r.request_id,
-            input_tokens=r.input_tokens,
-            output_tokens=r.output_tokens,
-            total_tokens=r.total_tokens,
-            cached_tokens=r.cached_tokens,
-            reasoning_tokens=r.reasoning_tokens,
-            http_status=outcome.http_status,
-            attempts=outcome.attempts,
+        return answered(
+            outcome.reply, model, check_json, http_status=outcome.http_status, attempts=outcome.attempts,
             latency_ms=outcome.latency_ms,
-            billing_mode=ONLINE,
-            finished_at=utc_now(),
-        ), True
+        ), True  # fmt: skip
     error = outcome.error
     if error is None:  # the run stopped before this row's first attempt
         return RowResult(status=SKIPPED, model=model, attempts=0), False

@@ -67,6 +67,34 @@ def stored_files(sim: SimulatorThread) -> list[dict]:
     return httpx.get(url, headers={"Authorization": f"Bearer {KEY}"}).json()["data"]
 
 
+def spawn_batch_run(sim: SimulatorThread, *extra: str) -> subprocess.Popen[str]:
+    """``batchgen run --batch`` as its own process, for tests that signal or kill it."""
+    env = {**os.environ, "DASHSCOPE_HTTP_BASE_URL": sim.base_url, "DASHSCOPE_API_KEY": KEY}
+    args = [
+        sys.executable,
+        "-m",
+        "batchgen",
+        "run",
+        "in.csv",
+        "-o",
+        "out.csv",
+        "--batch",
+        "--id-column",
+        "id",
+    ]
+    return subprocess.Popen(
+        [*args, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(process: subprocess.Popen[str], reached: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 30
+    while not reached():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run never got there"
+        time.sleep(0.02)
+
+
 def executed(sim: SimulatorThread) -> Counter[str]:
     return Counter(custom_id for _, custom_id in sim.stats.batch.executed)
 
@@ -278,25 +306,8 @@ def test_kill_9_at_any_moment_creates_no_second_batch_and_pays_no_row_twice(
     if moment in ("file_content", "file_delete"):
         assert batch_run(sim).exit_code == 6
         clock.advance(DAY / 2)
-    env = {**os.environ, "DASHSCOPE_HTTP_BASE_URL": sim.base_url, "DASHSCOPE_API_KEY": KEY}
-    args = [
-        sys.executable,
-        "-m",
-        "batchgen",
-        "run",
-        "in.csv",
-        "-o",
-        "out.csv",
-        "--batch",
-        "--id-column",
-        "id",
-    ]
-    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not reached(sim):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the run never reached the call"
-        time.sleep(0.02)
+    process = spawn_batch_run(sim)
+    wait_for(process, lambda: reached(sim))
     time.sleep(0.2)  # the call has taken effect and hangs: the client waits for its answer
     process.send_signal(signal.SIGKILL)
     process.communicate()
@@ -314,14 +325,8 @@ def test_kill_9_at_any_moment_creates_no_second_batch_and_pays_no_row_twice(
 def test_ctrl_c_while_waiting_writes_pending_rows_and_never_cancels(batch_sim, tmp_path):
     sim, _ = batch_sim(batch_validation_seconds=10 * DAY)
     write_prompts(tmp_path / "in.csv", PROMPTS)
-    env = {**os.environ, "DASHSCOPE_HTTP_BASE_URL": sim.base_url, "DASHSCOPE_API_KEY": KEY}
-    args = [sys.executable, "-m", "batchgen", "run", "in.csv", "-o", "out.csv", "--batch", "--wait",
-            "--id-column", "id"]  # fmt: skip
-    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not sim.stats.batch.calls["retrieve"]:  # submitted, and waiting
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
+    process = spawn_batch_run(sim, "--wait")
+    wait_for(process, lambda: sim.stats.batch.calls["retrieve"] > 0)  # submitted, and waiting
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=20)
     assert process.returncode == 130, stderr
@@ -657,24 +662,8 @@ def test_a_real_time_run_after_batch_mode_reuses_its_answers_with_api_openai(bat
 def test_ctrl_c_twice_during_an_upload_stops_at_once_and_the_next_run_settles_it(batch_sim, tmp_path):
     sim, clock = batch_sim(batch_hang_after=("upload",), hang_seconds=60)
     write_prompts(tmp_path / "in.csv", PROMPTS)
-    env = {**os.environ, "DASHSCOPE_HTTP_BASE_URL": sim.base_url, "DASHSCOPE_API_KEY": KEY}
-    args = [
-        sys.executable,
-        "-m",
-        "batchgen",
-        "run",
-        "in.csv",
-        "-o",
-        "out.csv",
-        "--batch",
-        "--id-column",
-        "id",
-    ]
-    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not sim.stats.batch.files_uploaded:
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
+    process = spawn_batch_run(sim)
+    wait_for(process, lambda: sim.stats.batch.files_uploaded > 0)
     time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     time.sleep(0.2)

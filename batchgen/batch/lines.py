@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from batchgen.api.openai import interpret, parse_reply
 from batchgen.api.types import APIError, Disposition, as_dict
 from batchgen.errors import RowProblem
-from batchgen.results import ERROR, OK, RowResult, utc_now
+from batchgen.results import ERROR, RowResult, answered, utc_now
 
 if TYPE_CHECKING:
     from batchgen.batch.remote import RemoteBatch
@@ -89,32 +89,6 @@ def _error_row(
     )
 
 
-def _answered(
-    body: Mapping[str, Any], request_id: str | None, model: str, batch_id: str,
-    check_json: Callable[[str | None], bool] | None,
-) -> RowResult:  # fmt: skip
-    r = parse_reply(body, request_id)
-    return RowResult(
-        status=OK,
-        model=model,
-        reply=r.content,
-        reply_json_valid=check_json(r.content) if check_json is not None else None,
-        reasoning=r.reasoning,
-        finish_reason=r.finish_reason,
-        request_id=r.request_id,
-        input_tokens=r.input_tokens,
-        output_tokens=r.output_tokens,
-        total_tokens=r.total_tokens,
-        cached_tokens=r.cached_tokens,
-        reasoning_tokens=r.reasoning_tokens,
-        http_status=200,
-        attempts=1,
-        billing_mode=BATCH,
-        batch_id=batch_id,
-        finished_at=utc_now(),
-    )
-
-
 def read_result_line(
     raw: str | bytes,
     model: str,
@@ -139,7 +113,19 @@ def read_result_line(
         body = as_dict(response.get("body"))
         choices = body.get("choices")
         if status == 200 and isinstance(choices, list) and choices and not body.get("error"):
-            return LineResult(custom_id, _answered(body, request_id, model, batch_id, check_json), True)
+            return LineResult(
+                custom_id,
+                answered(
+                    parse_reply(body, request_id),
+                    model,
+                    check_json,
+                    http_status=200,
+                    attempts=1,
+                    billing_mode=BATCH,
+                    batch_id=batch_id,
+                ),
+                True,
+            )
         headers = {"x-request-id": request_id} if request_id else {}
         outcome = interpret(status or 500, headers, json.dumps(body).encode())
         assert isinstance(outcome, APIError)  # a 200 without choices is an error too
