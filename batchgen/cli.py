@@ -225,10 +225,19 @@ def _service_options(command: Any) -> Any:
     for option in reversed(
         [
             click.option(
-                "--base-url", help="OpenAI-compatible base URL.  [default: the region's compatible mode]"
+                "--base-url",
+                help="OpenAI-compatible base URL.  [default: the one each batch was submitted to]",
             ),
-            click.option("--region", type=click.Choice(["intl", "us", "cn", "hk"]), help="DashScope region."),
-            click.option("--workspace", envvar="DASHSCOPE_WORKSPACE_ID", help="X-DashScope-WorkSpace."),
+            click.option(
+                "--region",
+                type=click.Choice(["intl", "us", "cn", "hk"]),
+                help="DashScope region, instead of the URL each batch was submitted to.",
+            ),
+            click.option(
+                "--workspace",
+                envvar="DASHSCOPE_WORKSPACE_ID",
+                help="X-DashScope-WorkSpace.  [default: the one each batch was submitted with]",
+            ),
         ]
     ):
         command = option(command)
@@ -249,7 +258,7 @@ def _batch_command(work: Any) -> None:
 @batch.command("list")
 @_output_argument
 def batch_list(output: Path) -> None:
-    """The batches OUTPUT's journal holds: id, state, rows (no network, no key)."""
+    """The batches OUTPUT's journal holds: batch id, state, last status, rows, name (no key)."""
     from batchgen.commands import batch as commands
 
     _batch_command(lambda: commands.batch_list(output))
@@ -413,7 +422,11 @@ def simulate(host: str, port: int, key: str | None, **knobs: Any) -> None:
     if sum(v for k, v in knobs.items() if k.startswith("fault_")) > 1:
         raise click.BadParameter("the --fault-* shares add up to more than 1")
     try:
-        serve_forever(SimulatorConfig(key=key or DEMO_KEY, **knobs), host=host, port=port)
+        config = SimulatorConfig(key=key or DEMO_KEY, **knobs)
+    except ValueError as exc:  # a NaN or an infinity the option types let through
+        raise click.UsageError(str(exc)) from None
+    try:
+        serve_forever(config, host=host, port=port)
     except OSError as exc:
         raise click.ClickException(
             f"cannot listen on {host}:{port} ({exc.strerror or exc}): "

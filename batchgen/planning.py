@@ -7,7 +7,7 @@ journal's verdict (answered already, changed, an error to retry, never sent).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +101,7 @@ class ResumePlan:
     changed: int = 0
     retry: int = 0
     unsendable: int = 0  # rows that are errors without being sent (empty prompt, ...)
+    held: int = 0  # in batches not yet collected: pending, not sent
 
     @property
     def to_send(self) -> int:
@@ -118,7 +119,8 @@ class ResumePlan:
         ]
         detail = f" ({', '.join(parts)})" if parts and parts != [f"{self.new:,} never sent"] else ""
         unsendable = f"; {self.unsendable:,} not sendable" if self.unsendable else ""
-        return f"resumed: {self.done:,} done, {self.to_send:,} to go{detail}{unsendable}"
+        held = f"; {self.held:,} in batches not yet collected" if self.held else ""
+        return f"resumed: {self.done:,} done, {self.to_send:,} to go{detail}{unsendable}{held}"
 
 
 def plan_resume(
@@ -130,8 +132,10 @@ def plan_resume(
     endpoint: str,
     lookup: Callable[[list[str]], Mapping[str, Answers]],
     retry_errors: bool,
+    held: Container[str] = frozenset(),
 ) -> ResumePlan:
-    """Count every row's verdict against the journal, without sending: the resume line."""
+    """Count every row's verdict against the journal, without sending: the resume line.
+    ``held``: the keys of rows in batches not yet collected (they stay pending)."""
     plan = ResumePlan()
     offset = 0
     for frame, raw in batches:
@@ -143,6 +147,8 @@ def plan_resume(
                 plan.unsendable += 1
             elif row.earlier is not None:
                 plan.done += 1
+            elif row.key in held:
+                plan.held += 1
             elif row.why == CHANGED:
                 plan.changed += 1
             elif row.why == RETRY:

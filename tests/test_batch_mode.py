@@ -181,14 +181,14 @@ def test_cancelled_batch_with_online_fallback_sends_the_rest_online(batch_sim, t
     write_prompts(tmp_path / "in.csv", PROMPTS)
     assert batch_run(sim).exit_code == 6
     clock.advance(350)  # three lines done
-    env = {"DASHSCOPE_HTTP_BASE_URL": sim.base_url, "DASHSCOPE_API_KEY": KEY}
-    listed = invoke(["batch", "status", "out.csv"], sim)
+    listed = invoke(["batch", "status", "out.csv"])  # no base URL given: the one the journal recorded
     assert listed.exit_code == 0 and "in_progress" in listed.stdout and "3 done" in listed.stdout, (
         listed.stdout
     )
     cancelled = invoke(["batch", "cancel", "out.csv"], sim)
     assert cancelled.exit_code == 0 and "cancelling" in cancelled.stdout
-    del env
+    twice = invoke(["batch", "cancel", "out.csv"], sim)  # already cancelling: asked once is enough
+    assert twice.exit_code == 0 and "cancelling" in twice.stdout and sim.stats.batch.calls["cancel"] == 1
     clock.advance(60)
     result = batch_run(sim, "--batch-fallback", "online")
     assert result.exit_code == 0, result.stderr
@@ -213,7 +213,12 @@ def test_fallback_none_leaves_rows_a_batch_did_not_run_as_errors(batch_sim, tmp_
         out = read()
         assert Counter(out["status"]) == {"ok": 2, "error": 10}
         assert set(out.filter(pl.col("status") == "error")["error_code"]) == {"batch_cancelled"}
-    assert len(sim.stats.batch.created) == 1 and sim.stats.outcomes["ok"] == 0
+    assert len(sim.stats.batch.created) == 1
+    again = batch_run(sim, "--batch-fallback", "none", "--retry-errors")  # as the README says
+    assert again.exit_code == 6 and len(sim.stats.batch.created) == 2
+    clock.advance(DAY)
+    assert batch_run(sim, "--batch-fallback", "none").exit_code == 0 and executed(sim) == Counter(IDS)
+    assert sim.stats.outcomes["ok"] == 0  # never online
 
 
 def test_a_refused_line_is_kept_and_never_sent_again(batch_sim, tmp_path):
@@ -343,6 +348,7 @@ def test_ctrl_c_while_waiting_writes_pending_rows_and_never_cancels(batch_sim, t
         (["--batch", "--batch-speed", "10"], "--batch-speed sets the simulator's"),
         (["--batch", "--base-url", "http://localhost:8000/v1"], "not DashScope"),
         (["--batch", "--stream"], "never streamed"),
+        (["--batch", "--simulate", "--batch-speed", "nan"], "give a number above 0, at most 1,000,000"),
     ],
 )
 def test_batch_usage_errors(tmp_path, args, needle):
@@ -356,7 +362,9 @@ def test_batch_list_reads_the_journal_without_a_key(batch_sim, tmp_path):
     sim, _ = batch_sim()
     write_prompts(tmp_path / "in.csv", PROMPTS)
     assert batch_run(sim).exit_code == 6
-    listed = invoke(["batch", "list", "out.csv"], key=None)
+    with contextlib.closing(sqlite3.connect(journal_path(Path("out.csv")))) as db:
+        db.execute("BEGIN IMMEDIATE")  # as a run collecting a batch holds it
+        listed = invoke(["batch", "list", "out.csv"], key=None)
     assert listed.exit_code == 0 and "submitted" in listed.stdout and "12 rows" in listed.stdout
     missing = invoke(["batch", "list", "nothing.csv"], key=None)
     assert missing.exit_code == 2 and "no journal beside nothing.csv" in missing.stderr
@@ -368,6 +376,7 @@ def test_a_real_time_run_never_sends_rows_a_running_batch_holds(batch_sim, tmp_p
     assert batch_run(sim).exit_code == 6
     online = invoke(["run", "in.csv", "-o", "out.csv", "--id-column", "id"], sim)  # no --batch
     assert online.exit_code == 6 and "12 rows are in 1 batch(es) not yet collected" in online.stderr
+    assert "resumed: 0 done, 0 to go; 12 in batches not yet collected" in online.stderr
     assert set(read()["status"]) == {"pending"} and sim.stats.outcomes["ok"] == 0
     clock.advance(DAY / 2)
     assert batch_run(sim).exit_code == 0 and executed(sim) == Counter(IDS)
@@ -565,6 +574,10 @@ def test_a_create_answered_500_is_not_sent_again_by_that_run_and_is_looked_up_by
     assert set(read()["status"]) == {"pending"} and [c["state"] for c in chunk_table()] == ["uploaded"]
 
     object.__setattr__(sim.config, "batch_fault_create_500", 0.0)  # the service is well again
+    soon = batch_run(sim)  # minutes later: a batch made moments ago may not be listed yet
+    assert soon.exit_code == 6 and "no batch of" in soon.stderr and "is listed yet" in soon.stderr
+    assert sim.stats.batch.created == []
+    clock.advance(601)
     second = batch_run(sim)  # looks the batch up by file and name, finds none, sends the rows again
     assert second.exit_code == 6 and len(sim.stats.batch.created) == 1
     assert [c["state"] for c in chunk_table()] == ["abandoned", "submitted"]
@@ -639,9 +652,16 @@ def test_simulate_without_wait_says_its_batches_end_with_the_run(tmp_path):
     write_prompts(tmp_path / "in.csv", PROMPTS[:3])
     alone = invoke(["run", "in.csv", "-o", "out.csv", "--batch", "--simulate"], key=None)
     assert alone.exit_code == 6 and "ends with this run" in alone.stderr, alone.stderr
+    dry = invoke(["run", "in.csv", "-o", "out.csv", "--batch", "--simulate", "--dry-run"], key=None)
+    assert "dry run: 3 of 3 rows would be sent" in dry.stdout + dry.stderr  # that batch is gone
     again = invoke(["run", "in.csv", "-o", "out.csv", "--batch", "--simulate", "--wait"], key=None)
     assert again.exit_code == 0 and "ran on the simulator of an earlier --simulate run" in again.stderr
     assert set(read()["status"]) == {"ok"}
+    write_prompts(tmp_path / "in.csv", PROMPTS[:4])
+    assert invoke(["run", "in.csv", "-o", "out.csv", "--batch", "--simulate"], key=None).exit_code == 6
+    online = invoke(["run", "in.csv", "-o", "out.csv", "--simulate", "--api", "openai"], key=None)
+    assert online.exit_code == 0 and "earlier --simulate run ended with it" in online.stderr, online.stderr
+    assert set(read()["status"]) == {"ok"} and Counter(read()["billing_mode"]) == {"batch": 3, "online": 1}
 
 
 def test_a_real_time_run_after_batch_mode_reuses_its_answers_with_api_openai(batch_sim, tmp_path):
@@ -726,21 +746,23 @@ def test_collect_streams_the_files_keeps_an_answer_over_an_error_and_counts_unre
             async with BatchAPI(config, transport=httpx.MockTransport(serve)) as api:
                 run = BatchRun(config, PromptSpec(), journal, api, BatchSettings(), tmp_path / "out.csv",
                                id_column=None, endpoint="chat")  # fmt: skip
-                chunk = Chunk("c1", "qwen-plus", 3, 100, "24h", service=run.service, file_id="f-in")
-                run.store.add(chunk, [ChunkRow(i + 1, f"r{i}", "h") for i in range(3)])
+                chunk = Chunk("c1", "qwen-plus", 4, 100, "24h", base_url=run.base_url, file_id="f-in")
+                run.store.add(chunk, [ChunkRow(i + 1, f"r{i}", "h") for i in range(4)])
                 remote = RemoteBatch(
-                    "batch_1", "expired", "f-in", "f-out", "f-err", EPOCH, "24h", 3, 2, 1, {}
+                    "batch_1", "expired", "f-in", "f-out", "f-err", EPOCH, "24h", 4, 2, 1, {}
                 )
                 await run.collect(chunk, remote)
 
         with caplog.at_level("INFO", logger="batchgen"):
             asyncio.run(collect())
-        found = journal.lookup(["r0", "r1", "r2"])
+        found = journal.lookup(["r0", "r1", "r2", "r3"])
     status = {key: answers["h"].status for key, answers in found.items()}
-    assert status == {"r0": "ok", "r1": "ok", "r2": "error"}
-    assert found["r2"]["h"].result["error_code"] == "batch_expired"
+    assert status == {"r0": "ok", "r1": "ok", "r2": "error", "r3": "error"}
+    assert found["r2"]["h"].result["error_code"] == "batch_expired" and not found["r2"]["h"].final
+    # r3 has no readable line: its answer may be in an unreadable one, billed; it is not sent again
+    assert found["r3"]["h"].result["error_code"] == "batchgen.BatchLineUnreadable" and found["r3"]["h"].final
     assert "2 lines of batch batch_1's result files could not be read" in caplog.text
-    assert "2 of 3 rows answered" in caplog.text
+    assert "2 of 4 rows answered" in caplog.text
 
 
 def test_a_full_disk_while_writing_a_batch_file_is_one_line_and_loses_no_row(
@@ -761,3 +783,16 @@ def test_a_full_disk_while_writing_a_batch_file_is_one_line_and_loses_no_row(
     assert "batch mode could not write beside out.csv: No space left on device; free space" in result.stderr
     assert read()["id"].to_list() == IDS[:3] and sim.stats.batch.files_uploaded == 0
     assert not list(tmp_path.glob(".out.csv.batch.tmp"))
+
+
+def test_fresh_is_refused_while_batches_may_still_answer_rows(batch_sim, tmp_path):
+    sim, clock = batch_sim()
+    write_prompts(tmp_path / "in.csv", PROMPTS[:3])
+    assert batch_run(sim).exit_code == 6
+    fresh = batch_run(sim, "--fresh")
+    assert fresh.exit_code == 2 and "3 rows in 1 batch(es) not yet collected" in fresh.stderr
+    assert "run with --batch to collect them first" in fresh.stderr and len(sim.stats.batch.created) == 1
+    clock.advance(DAY / 2)
+    assert batch_run(sim).exit_code == 0
+    assert batch_run(sim, "--fresh").exit_code == 6  # all collected: --fresh starts over, as asked
+    assert len(sim.stats.batch.created) == 2

@@ -524,8 +524,10 @@ def test_simulate_refuses_a_batch_clock_that_stands_still(option: str) -> None:
 
 
 def test_the_config_refuses_bad_batch_knobs() -> None:
-    with pytest.raises(ValueError, match="batch_speed must be > 0, got 0"):
+    with pytest.raises(ValueError, match="batch_speed must be a finite number > 0, got 0"):
         SimulatorConfig(batch_speed=0)
+    with pytest.raises(ValueError, match="batch_speed must be a finite number > 0, got inf"):
+        SimulatorConfig(batch_speed=float("inf"))
     with pytest.raises(ValueError, match=r"batch_fault_429 must be a probability in \[0, 1\], got 2"):
         SimulatorConfig(batch_fault_429=2)
     with pytest.raises(ValueError, match="batch_queue_seconds must be >= 0, got -1"):

@@ -43,6 +43,7 @@ TOO_LARGE = "batchgen.TooLarge"
 NOT_RUN = "not run"  # the error message prefix of a line the batch ended before running
 BATCH = "batch"  # the billing_mode of a row answered in a batch
 MISSING = "batchgen.BatchLineMissing"  # a row in neither file of an ended batch
+UNREADABLE = "batchgen.BatchLineUnreadable"  # ... when some line of those files could not be read
 
 
 def request_line(custom_id: str, body: Mapping[str, Any]) -> bytes:
@@ -144,12 +145,25 @@ _THEN = {"batch": "it goes in a new batch on the next run", "online": "it is sen
 
 
 def unanswered(
-    row: ChunkRow, remote: RemoteBatch, bad_lines: dict[int, Any], model: str, fallback: str
+    row: ChunkRow,
+    remote: RemoteBatch,
+    bad_lines: dict[int, Any],
+    model: str,
+    fallback: str,
+    unreadable: int = 0,
 ) -> LineResult:
-    """A row of an ended batch with no result line: refused by validation, not run, or missing."""
+    """A row of an ended batch with no result line: refused by validation, not run, or missing.
+    With ``unreadable`` lines in its files, a missing row may have been answered (and billed)
+    in one of them: it is kept as an error, not sent again unasked."""
     error = bad_lines.get(row.line)
     if error is not None:  # the service named this line: the same line would fail again
         code, message, final = str(error.get("code") or "invalid_line"), str(error.get("message")), True
+    elif unreadable and remote.status != "failed":
+        code, final = UNREADABLE, True
+        message = (
+            f"batch {remote.id}'s result files had {unreadable:,} unreadable line(s), which may hold "
+            "this row's answer (billed): not sent again; --retry-errors sends it"
+        )
     else:
         code, final = _NOT_RUN.get(remote.status, MISSING), False
         if remote.status == "failed":

@@ -29,7 +29,17 @@ from pathlib import Path
 
 from batchgen.batch.lines import BATCH, ChunkFile, line_problem, read_result_line, request_line, unanswered
 from batchgen.batch.remote import BatchAPI, LostAnswer, RemoteBatch
-from batchgen.batch.store import ABANDONED, COLLECTED, FORMED, UPLOADED, BatchStore, Chunk, ChunkRow
+from batchgen.batch.store import (
+    ABANDONED,
+    COLLECTED,
+    FORMED,
+    SIMULATED,
+    UPLOADED,
+    BatchStore,
+    Chunk,
+    ChunkRow,
+    service_name,
+)
 from batchgen.budget import Budget
 from batchgen.config import RunConfig
 from batchgen.errors import FatalAPIError, RowProblem
@@ -45,7 +55,7 @@ log = logging.getLogger("batchgen")
 
 FALLBACKS = ("batch", "online", "none")
 Hold = Callable[[list[PlannedRow]], "list[tuple[RowResult, bool] | None]"]  # the pool's ``hold``
-SIMULATED = "--simulate's simulator"  # the service of chunks a --simulate run submitted
+LISTING_GRACE_SECONDS = 600  # a batch made moments ago may not be listed yet: look again later
 RETENTION_SECONDS = 30 * 86400  # the service answers for a batch this long after its creation
 
 
@@ -106,12 +116,14 @@ class BatchRun:
         return self.control.stopping
 
     @property
+    def base_url(self) -> str:
+        """Where this run's batches live (recorded with each chunk; one from elsewhere is left
+        for a run there)."""
+        return SIMULATED if self.settings.simulated else self.config.base_url
+
+    @property
     def service(self) -> str:
-        """Where this run's batches live; a chunk from elsewhere is left for a run there."""
-        if self.settings.simulated:
-            return SIMULATED
-        workspace = self.config.workspace
-        return self.config.base_url + (f" (workspace {workspace})" if workspace else "")
+        return service_name(self.base_url, self.config.workspace)
 
     async def prepare(self, batches: Iterable[Batch]) -> None:
         """Settle, collect, submit, and with ``wait`` poll until every batch has ended."""
@@ -140,7 +152,7 @@ class BatchRun:
         return running
 
     async def settle_chunk(self, chunk: Chunk) -> RemoteBatch | None:
-        if chunk.service == SIMULATED and chunk.name not in self.mine:
+        if chunk.base_url == SIMULATED and chunk.name not in self.mine:
             log.warning(
                 "%s ran on the simulator of an earlier --simulate run, which ended with it: its "
                 "%s rows are sent again", chunk.batch_id or chunk.name, f"{chunk.lines:,}",
@@ -166,7 +178,13 @@ class BatchRun:
                 return None
             assert chunk.file_id is not None
             found = await self.created_from(chunk.name, chunk.file_id)
-            if found is None:
+            if found is None and now() - (chunk.uploaded_at or 0.0) < LISTING_GRACE_SECONDS:
+                log.warning(
+                    "no batch of %s is listed yet; its %s rows stay pending: the next run looks again",
+                    chunk.name, f"{chunk.lines:,}",
+                )  # fmt: skip
+                return None
+            if found is None:  # no create took effect: the rows go again, in a new file
                 await self.free(chunk.file_id)
                 self.store.close(chunk.name, ABANDONED)
                 return None
@@ -199,7 +217,7 @@ class BatchRun:
         """A batch the service answers 404 for: past its 30 days, its rows go again; before, it
         may be another account's (another key): its rows wait, never paid twice."""
         submitted = chunk.submitted_at or 0.0
-        if chunk.service == SIMULATED or now() - submitted > RETENTION_SECONDS:
+        if chunk.base_url == SIMULATED or now() - submitted > RETENTION_SECONDS:
             log.warning(
                 "batch %s is no longer known to %s (batches are kept 30 days): its %s rows are sent "
                 "again", chunk.batch_id, self.service, f"{chunk.lines:,}",
@@ -234,7 +252,7 @@ class BatchRun:
                     answered[row.key] = ok
             for row in rows.values():
                 if row.key not in answered:
-                    line = unanswered(row, remote, bad_lines, chunk.model, self.settings.fallback)
+                    line = unanswered(row, remote, bad_lines, chunk.model, self.settings.fallback, unreadable)
                     self.journal.record(row.key, row.request_hash, line.final, line.result)
             self.store.close(chunk.name, COLLECTED)
             self.store.to_free(files)
@@ -252,7 +270,9 @@ class BatchRun:
         try:
             await self.api.delete(file_id)
         except FatalAPIError as exc:  # storage is the account's, not a row's: say so, go on
-            log.warning("could not delete file %s (%s); delete it in the console", file_id, exc)
+            log.warning("could not delete file %s (%s); the next run tries again", file_id, exc)
+            self.store.to_free([file_id])
+            return
         self.store.freed(file_id)
 
     # -- 2. submit ---------------------------------------------------------------------------
@@ -265,10 +285,10 @@ class BatchRun:
             return False
         if self.leftover(row.last):
             assert row.last is not None
-            return (
-                self.settings.fallback == "batch"
-                and row.last.result.get("batch_id") not in self.collected_now
+            again = self.settings.fallback == "batch" or (
+                self.settings.fallback == "none" and self.retry_errors
             )
+            return again and row.last.result.get("batch_id") not in self.collected_now
         return True
 
     async def submit(self, batches: Iterable[Batch]) -> None:
@@ -334,14 +354,15 @@ class BatchRun:
         digest = chunk.digest.hexdigest()[:12]
         name = f"batchgen-{self.store.journal_id}-{len(self.store.names()) + 1:05d}-{digest}"
         record = Chunk(
-            name, self.config.model, len(chunk.rows), chunk.size, self.settings.window, service=self.service
-        )
+            name, self.config.model, len(chunk.rows), chunk.size, self.settings.window,
+            base_url=self.base_url, workspace=self.config.workspace,
+        )  # fmt: skip
         if self.budget is not None:
             self.budget.commit(chunk.worst)  # before the upload: a crash after it overspends nothing
         self.store.add(record, chunk.rows)
         self.mine.add(name)
         file_id = await self.api.upload(f"{name}.jsonl", chunk.close())
-        self.store.set_file(name, file_id)
+        self.store.set_file(name, file_id, now())
         metadata = {"ds_name": name, "ds_description": f"batchgen {self.output.name}"}
         self.submitted += len(chunk.rows)
         try:

@@ -19,10 +19,10 @@ import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from batchgen import __version__
-from batchgen.api.faults import fatal_hint
+from batchgen.api.faults import find
 from batchgen.api.openai import interpret
 from batchgen.api.types import APIError, Disposition
-from batchgen.client import backoff_seconds
+from batchgen.client import TransientError, backoff_seconds
 from batchgen.config import RunConfig
 from batchgen.errors import FatalAPIError
 
@@ -35,15 +35,9 @@ class LostAnswer(Exception):
     """A call that may have taken effect got no answer (the connection broke after sending)."""
 
 
-class _Transient(Exception):
-    def __init__(self, error: APIError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
 def _wait(state: RetryCallState) -> float:
     exc = state.outcome.exception() if state.outcome is not None else None
-    retry_after = exc.error.retry_after if isinstance(exc, _Transient) else None
+    retry_after = exc.error.retry_after if isinstance(exc, TransientError) else None
     return backoff_seconds(state.attempt_number, retry_after)
 
 
@@ -65,24 +59,35 @@ class RemoteBatch:
     errors: tuple[Mapping[str, Any], ...] = ()
 
     @classmethod
-    def of(cls, body: Mapping[str, Any]) -> RemoteBatch:
+    def of(cls, body: Any) -> RemoteBatch:
+        """The batch a body describes; a body no client could read is a one-line error."""
         if not isinstance(body, Mapping) or not isinstance(body.get("id"), str):
             raise FatalAPIError(f"the Batch API described a batch without an id: {str(body)[:120]!r}")
+        try:
+            return cls._of(body)
+        except (TypeError, ValueError, OverflowError, AttributeError):
+            raise FatalAPIError(
+                f"the Batch API described batch {body['id']} unreadably: {str(body)[:200]!r}"
+            ) from None
+
+    @classmethod
+    def _of(cls, body: Mapping[str, Any]) -> RemoteBatch:
         counts = body.get("request_counts") or {}
         errors = body.get("errors") or {}
         errors = errors.get("data") or [] if isinstance(errors, Mapping) else errors
+        metadata = body.get("metadata")
         return cls(
             id=body["id"],
             status=str(body.get("status") or "unknown"),
-            input_file_id=body.get("input_file_id"),
-            output_file_id=body.get("output_file_id"),
-            error_file_id=body.get("error_file_id"),
+            input_file_id=_text(body.get("input_file_id")),
+            output_file_id=_text(body.get("output_file_id")),
+            error_file_id=_text(body.get("error_file_id")),
             created_at=int(body.get("created_at") or 0),
             completion_window=str(body.get("completion_window") or "24h"),
             total=int(counts.get("total") or 0),
             completed=int(counts.get("completed") or 0),
             failed=int(counts.get("failed") or 0),
-            metadata=body.get("metadata") or {},
+            metadata=metadata if isinstance(metadata, Mapping) else {},
             errors=tuple(e for e in errors if isinstance(e, Mapping)) if isinstance(errors, list) else (),
         )
 
@@ -126,7 +131,7 @@ class BatchAPI:
                 raise LostAnswer(f"{method} {path}: {type(exc).__name__}") from exc
             error = APIError(None, "batchgen.ConnectionError", f"{type(exc).__name__}: {exc}", None,
                              Disposition.RETRY)  # fmt: skip
-            raise _Transient(error) from exc
+            raise TransientError(error) from exc
         if response.status_code < 400:
             return response
         await response.aread()  # an error body is small; a streamed answer is read only here
@@ -134,22 +139,22 @@ class BatchAPI:
             raise LostAnswer(f"{method} {path}: HTTP {response.status_code}")
         outcome = interpret(response.status_code, response.headers, response.content)
         assert isinstance(outcome, APIError)
-        if outcome.disposition is Disposition.RETRY or response.status_code == 429:
-            raise _Transient(outcome)
+        if response.status_code == 429 or response.status_code >= 500:  # a 409 is a state, not a fault
+            raise TransientError(outcome)
         raise _refused(method, path, outcome)
 
     async def _call(
         self, method: str, path: str, *, resend: bool = True, stream: bool = False, **kwargs: Any
     ) -> httpx.Response:
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(ATTEMPTS), wait=_wait, retry=retry_if_exception_type(_Transient),
+            stop=stop_after_attempt(ATTEMPTS), wait=_wait, retry=retry_if_exception_type(TransientError),
             sleep=self._sleep, reraise=True,
         )  # fmt: skip
         try:
             async for attempt in retrying:
                 with attempt:
                     return await self._once(method, path, resend=resend, stream=stream, **kwargs)
-        except _Transient as exc:
+        except TransientError as exc:
             raise _refused(method, path, exc.error, f" after {ATTEMPTS} attempts") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -207,18 +212,27 @@ class BatchAPI:
         finally:
             await response.aclose()
 
-    async def files_named(self, filename: str) -> list[str]:
-        """The ids of stored files called ``filename`` (every page of the file list)."""
-        found: list[str] = []
+    async def _pages(self, path: str, params: Mapping[str, str]) -> AsyncIterator[dict[str, Any]]:
+        """Every object of a list endpoint, page by page (``after`` the last id of each)."""
         after: str | None = None
         while True:
-            params = {"limit": LIST_PAGE, **({"after": after} if after else {})}
-            page = await self._json("GET", "files", params=params)
-            files = [f for f in page.get("data") or [] if isinstance(f, dict) and f.get("id")]
-            found += [str(f["id"]) for f in files if f.get("filename") == filename]
-            if not page.get("has_more") or not files:
-                return found
-            after = str(files[-1]["id"])
+            page = await self._json(
+                "GET", path, params={**params, "limit": LIST_PAGE, **({"after": after} if after else {})}
+            )
+            items = [
+                item
+                for item in page.get("data") or []
+                if isinstance(item, dict) and isinstance(item.get("id"), str)
+            ]
+            for item in items:
+                yield item
+            if not page.get("has_more") or not items:
+                return
+            after = items[-1]["id"]
+
+    async def files_named(self, filename: str) -> list[str]:
+        """The ids of stored files called ``filename`` (every page of the file list)."""
+        return [f["id"] async for f in self._pages("files", {}) if f.get("filename") == filename]
 
     async def delete(self, file_id: str) -> None:
         """Free a file's storage (10,000 files / 100 GB an account); one already gone is fine."""
@@ -244,21 +258,20 @@ class BatchAPI:
     async def find(self, name: str, file_id: str) -> list[RemoteBatch]:
         """The batches made from ``file_id`` whose ``metadata.ds_name`` is ``name``, oldest
         first (the list endpoint, every page; its ``ds_name`` filter matches substrings)."""
-        found: list[RemoteBatch] = []
-        after: str | None = None
-        while True:
-            params = {"ds_name": name, "input_file_ids": file_id, "limit": LIST_PAGE}
-            page = await self._json(
-                "GET", "batches", params={**params, **({"after": after} if after else {})}
-            )
-            batches = [RemoteBatch.of(b) for b in page.get("data") or []]
-            found += [b for b in batches if b.metadata.get("ds_name") == name and b.input_file_id == file_id]
-            if not page.get("has_more") or not batches:
-                return sorted(reversed(found), key=lambda b: b.created_at)  # the list is newest first
-            after = batches[-1].id
+        params = {"ds_name": name, "input_file_ids": file_id}
+        found = [RemoteBatch.of(b) async for b in self._pages("batches", params)]
+        mine = [b for b in found if b.metadata.get("ds_name") == name and b.input_file_id == file_id]
+        return sorted(reversed(mine), key=lambda b: b.created_at)  # the list is newest first
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _refused(method: str, path: str, error: APIError, detail: str = "") -> FatalAPIError:
-    what = path.split("/")[0]
-    message = f"the Batch API refused {method} {what}{detail}: {fatal_hint(error)}"
+    status = f"HTTP {error.http_status} " if error.http_status else ""
+    said = f" ({error.message.strip()})" if error.message.strip() else ""
+    fault = find(error.code, error.message)
+    hint = f": {fault.hint}" if fault is not None and fault.hint else ""
+    message = f"the Batch API refused {method} {path}{detail}: {status}{error.code}{said}{hint}"
     return FatalAPIError(message, code=error.code, http_status=error.http_status)

@@ -10,15 +10,21 @@ look it up by the chunk's name), submitted (poll it), collected (its rows are in
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from batchgen.journal import Journal
 
 FORMED, UPLOADED, SUBMITTED = "formed", "uploaded", "submitted"
 COLLECTED, ABANDONED = "collected", "abandoned"
 
+_COLUMNS = (
+    "name, model, lines, bytes, window, state, file_id, batch_id, remote_status, base_url, workspace, "
+    "uploaded_at, submitted_at"
+)  # Chunk's fields, in order
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batch_chunks (
     name TEXT PRIMARY KEY,
@@ -30,7 +36,9 @@ CREATE TABLE IF NOT EXISTS batch_chunks (
     file_id TEXT,
     batch_id TEXT,
     remote_status TEXT,
-    service TEXT NOT NULL,
+    base_url TEXT NOT NULL,
+    workspace TEXT,
+    uploaded_at REAL,
     submitted_at REAL
 );
 CREATE TABLE IF NOT EXISTS batch_rows (
@@ -43,6 +51,7 @@ CREATE TABLE IF NOT EXISTS batch_rows (
 CREATE INDEX IF NOT EXISTS batch_rows_key ON batch_rows (key);
 CREATE TABLE IF NOT EXISTS batch_files_to_free (file_id TEXT PRIMARY KEY);
 """
+SIMULATED = "simulate"  # the base URL recorded for a --simulate run's chunks: gone with that run
 OPEN_STATES = (FORMED, UPLOADED, SUBMITTED)  # a chunk whose rows may still be answered by its batch
 
 
@@ -59,8 +68,21 @@ class Chunk:
     file_id: str | None = None
     batch_id: str | None = None
     remote_status: str | None = None
-    service: str = ""  # where its file and batch live: base URL and workspace (``BatchRun.service``)
-    submitted_at: float | None = None  # unix time of the create, by this machine's clock
+    base_url: str = ""  # where its file and batch live (SIMULATED: --simulate's own simulator)
+    workspace: str | None = None
+    uploaded_at: float | None = None  # unix time, by this machine's clock
+    submitted_at: float | None = None  # unix time of the create: the batch's created_at
+
+    @property
+    def service(self) -> str:
+        return service_name(self.base_url, self.workspace)
+
+
+def service_name(base_url: str, workspace: str | None) -> str:
+    """A service as messages name it: the base URL, and the workspace if one is set."""
+    if base_url == SIMULATED:
+        return "--simulate's simulator"
+    return base_url + (f" (workspace {workspace})" if workspace else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,24 +116,26 @@ class BatchStore:
     def add(self, chunk: Chunk, rows: list[ChunkRow]) -> None:
         with self.transaction():
             self._db.execute(
-                "INSERT INTO batch_chunks VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?, NULL)",
-                (chunk.name, chunk.model, chunk.lines, chunk.bytes, chunk.window, FORMED, chunk.service),
-            )
+                f"INSERT INTO batch_chunks ({_COLUMNS}) VALUES ({', '.join('?' * 13)})",
+                (chunk.name, chunk.model, chunk.lines, chunk.bytes, chunk.window, FORMED, None, None, None,
+                 chunk.base_url, chunk.workspace, None, None),
+            )  # fmt: skip
             self._db.executemany(
                 "INSERT INTO batch_rows VALUES (?, ?, ?, ?)",
                 [(chunk.name, r.line, r.key, r.request_hash) for r in rows],
             )
 
-    def set_file(self, name: str, file_id: str) -> None:
+    def set_file(self, name: str, file_id: str, uploaded_at: float) -> None:
         self._db.execute(
-            "UPDATE batch_chunks SET file_id = ?, state = ? WHERE name = ?", (file_id, UPLOADED, name)
+            "UPDATE batch_chunks SET file_id = ?, state = ?, uploaded_at = ? WHERE name = ?",
+            (file_id, UPLOADED, uploaded_at, name),
         )
 
     def set_batch(self, name: str, batch_id: str, remote_status: str, created_at: float) -> None:
         self._db.execute(
             "UPDATE batch_chunks SET batch_id = ?, state = ?, remote_status = ?, submitted_at = ? "
             "WHERE name = ?",
-            (batch_id, SUBMITTED, remote_status, created_at, name),
+            (batch_id, SUBMITTED, remote_status, float(created_at), name),
         )
 
     def set_remote_status(self, name: str, remote_status: str) -> None:
@@ -123,6 +147,13 @@ class BatchStore:
         self._db.execute("UPDATE batch_chunks SET state = ? WHERE name = ?", (state, name))
         if state == ABANDONED:
             self._db.execute("DELETE FROM batch_rows WHERE chunk = ?", (name,))
+
+    def forget_simulated(self) -> int:
+        """Abandon the open chunks of earlier --simulate runs (their simulator is gone); how many."""
+        names = [c.name for c in self.chunks(open_only=True) if c.base_url == SIMULATED]
+        for name in names:
+            self.close(name, ABANDONED)
+        return len(names)
 
     # -- the account's storage ---------------------------------------------------------------
     def to_free(self, file_ids: list[str]) -> None:
@@ -137,9 +168,7 @@ class BatchStore:
         return [f for (f,) in self._db.execute("SELECT file_id FROM batch_files_to_free ORDER BY rowid")]
 
     def chunks(self, *, open_only: bool = False) -> list[Chunk]:
-        where = f" WHERE state IN ({','.join('?' * len(OPEN_STATES))})" if open_only else ""
-        query = f"SELECT * FROM batch_chunks{where} ORDER BY rowid"
-        return [Chunk(*row) for row in self._db.execute(query, OPEN_STATES if open_only else ())]
+        return _chunks(self._db, open_only=open_only)
 
     def names(self) -> set[str]:
         return {name for (name,) in self._db.execute("SELECT name FROM batch_chunks")}
@@ -163,3 +192,37 @@ class BatchStore:
             )
             found.update(self._db.execute(query, (*OPEN_STATES, *chunk)))
         return found
+
+
+def _chunks(db: sqlite3.Connection, *, open_only: bool) -> list[Chunk]:
+    where = f" WHERE state IN ({','.join('?' * len(OPEN_STATES))})" if open_only else ""
+    query = f"SELECT {_COLUMNS} FROM batch_chunks{where} ORDER BY rowid"
+    return [Chunk(*row) for row in db.execute(query, OPEN_STATES if open_only else ())]
+
+
+def read_chunks(path: Path, *, open_only: bool = False) -> list[Chunk]:
+    """A journal's chunks, read without its lock and without writing (``batch list``,
+    ``--dry-run``, ``--fresh``'s check): empty if no batch-mode run wrote that journal. The
+    journal is in WAL mode, so this never waits for a run writing it."""
+    if not path.exists():
+        return []
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as db:
+            return _chunks(db, open_only=open_only)
+    except sqlite3.DatabaseError:  # no batch tables (or not a journal): no batch of it to know
+        return []
+
+
+def read_held_keys(path: Path) -> set[str]:
+    """The keys of rows in chunks not yet collected, read as :func:`read_chunks` reads."""
+    if not path.exists():
+        return set()
+    query = (
+        "SELECT r.key FROM batch_rows r JOIN batch_chunks c ON c.name = r.chunk "
+        f"WHERE c.state IN ({','.join('?' * len(OPEN_STATES))}) AND c.base_url != '{SIMULATED}'"
+    )  # a --simulate run's batches ended with it: the next run sends their rows
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as db:
+            return {key for (key,) in db.execute(query, OPEN_STATES)}
+    except sqlite3.DatabaseError:
+        return set()

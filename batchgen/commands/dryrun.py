@@ -10,7 +10,7 @@ from pathlib import Path
 
 from batchgen.api.models import thinks
 from batchgen.batch.lines import MAX_LINES
-from batchgen.batch.store import OPEN_STATES
+from batchgen.batch.store import read_held_keys
 from batchgen.budget import (
     DEFAULT_OUTPUT_ASSUMPTION,
     IMAGE_TOKENS_MAX,
@@ -65,7 +65,7 @@ def _count(prepared: Prepared) -> _Count:
     fresh = options.policy.fresh
     path = journal_path(options.output.output_path)
     previous = {} if fresh else _journal_read_only(path)
-    held = set() if fresh else _held_read_only(path)
+    held = set() if fresh else read_held_keys(path)
     messages = config.dialect.messages
     count, offset = _Count(), 0
 
@@ -171,21 +171,6 @@ def _cost(
         f"  the same rows {elsewise}: ${other:.4f} (range ${other_low:.4f} to ${other_high:.4f})",
         f"prices: {prices.describe()}",
     ]
-
-
-def _held_read_only(path: Path) -> set[str]:
-    """The keys of rows in batches not yet collected (``batch.store``), read without locking."""
-    if not path.exists():
-        return set()
-    query = (
-        "SELECT r.key FROM batch_rows r JOIN batch_chunks c ON c.name = r.chunk "
-        f"WHERE c.state IN ({','.join('?' * len(OPEN_STATES))})"
-    )
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            return {key for (key,) in db.execute(query, OPEN_STATES)}
-    except sqlite3.Error:  # no batch tables: no batch mode run wrote this journal
-        return set()
 
 
 def _journal_read_only(path: Path) -> dict[str, Answers]:

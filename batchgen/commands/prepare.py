@@ -37,6 +37,7 @@ log = logging.getLogger("batchgen")
 SIMULATE_LATENCY = 0.2
 SIMULATE_JITTER = 0.1
 SIMULATED_BATCH_SPEED = 3600.0  # --simulate --batch: an hour of the batch clock a second
+MAX_BATCH_SPEED = 1_000_000.0  # 11 days a second: more only overflows the simulated clock
 
 
 def batch_speed(options: RunOptions) -> float:
@@ -112,6 +113,8 @@ def _batch_mode(options: RunOptions) -> RunOptions:
         return options
     if batch.batch_speed is not None and not server.simulate:
         raise UsageError("--batch-speed sets the simulator's batch clock: use it with --simulate")
+    if batch.batch_speed is not None and not 0 < batch.batch_speed <= MAX_BATCH_SPEED:  # NaN too
+        raise UsageError(f"--batch-speed {batch.batch_speed!r}: give a number above 0, at most 1,000,000")
     match = _WINDOW.fullmatch(batch.batch_window.strip())
     hours = int(match[1]) * (24 if match[2] == "d" else 1) if match else 0
     if not 24 <= hours <= 336:

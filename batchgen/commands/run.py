@@ -14,7 +14,7 @@ import polars as pl
 from batchgen import __version__
 from batchgen.batch.mode import BatchRun, BatchSettings, Hold, held_rows
 from batchgen.batch.remote import BatchAPI
-from batchgen.batch.store import COLLECTED, BatchStore
+from batchgen.batch.store import COLLECTED, SIMULATED, BatchStore, read_chunks, read_held_keys
 from batchgen.budget import Budget
 from batchgen.commands.dryrun import dry_run
 from batchgen.commands.outputs import beside, keep_other_request_set, remove_superseded, signals_deferred
@@ -105,6 +105,7 @@ class _LockedRun:
     def run(self) -> int:
         self.journal.clean_leftovers(self.output)
         if self.options.policy.fresh:
+            self._check_no_open_batches()
             self.journal.discard()
         self.journal.open()
         writer = TableWriter(self.output.parent, self.output.name, self.prepared.output_format, self.metadata)  # type: ignore[arg-type]
@@ -132,7 +133,7 @@ class _LockedRun:
         self.summary.result = result
         target = self.output
         # Batch mode's output is the journal's state, whatever it holds (all pending, all refused).
-        answered = result.stats.ok > 0 or self.options.batch.batch
+        answered = result.stats.ok > 0 or self.options.batch.batch or result.stats.pending > 0
         finished = result.fatal is None and result.stopped is None and answered
         if self.output.exists() and not finished:
             # A stopped, refused or all-failed run never replaces earlier answers.
@@ -149,12 +150,16 @@ class _LockedRun:
         return result, target, replaced
 
     def _say_resume(self, config: RunConfig) -> None:
-        if not self.journal.has_rows() or self.options.batch.batch:  # batch mode says what it does
+        if self.options.batch.batch:  # batch mode says what it does
+            return
+        held = read_held_keys(self.journal.path)
+        if not held and not self.journal.has_rows():
             return
         plan = plan_resume(
             self.prepared.source.batches(), config, self.prepared.spec,
             id_column=self.options.input.id_column, endpoint=self.metadata["endpoint"],
             lookup=self.journal.lookup, retry_errors=self.options.policy.retry_errors,
+            held=held,
         )  # fmt: skip
         log.info("%s", plan.line())
 
@@ -165,7 +170,7 @@ class _LockedRun:
         grace = self.options.policy.grace
         signals = (signal.SIGINT, signal.SIGTERM)
         for sig in signals:
-            loop.add_signal_handler(sig, _on_signal, control, sig.name, grace)
+            loop.add_signal_handler(sig, _on_signal, control, sig.name, grace, self.options.batch.batch)
         try:
             hold, fatal = None, None
             started = time.monotonic()
@@ -188,6 +193,17 @@ class _LockedRun:
             for sig in signals:
                 loop.remove_signal_handler(sig)
 
+    def _check_no_open_batches(self) -> None:
+        """``--fresh`` forgets the journal: never while a batch may still answer (and bill) rows."""
+        running = [c for c in read_chunks(self.journal.path, open_only=True) if c.base_url != SIMULATED]
+        if running:
+            rows = sum(c.lines for c in running)
+            raise UsageError(
+                f"{self.output} has {rows:,} rows in {len(running)} batch(es) not yet collected, which "
+                f"--fresh would forget (and pay for again): run with --batch to collect them first "
+                f"(`batchgen batch cancel {self.output}` stops them)"
+            )
+
     def _held_by_batches(self) -> Hold | None:
         """Rows in batches an earlier ``--batch`` run submitted stay pending in a real-time run."""
         store = BatchStore(self.journal)
@@ -196,6 +212,8 @@ class _LockedRun:
                 "this output's answers came from batch mode, as OpenAI-compatible requests: add "
                 "--api openai to reuse them, or this run sends their rows again"
             )
+        if store.forget_simulated():
+            log.warning("the batches of an earlier --simulate run ended with it: their rows are sent now")
         running = store.chunks(open_only=True)
         if not running:
             return None
@@ -214,7 +232,7 @@ class _LockedRun:
         batch = self.options.batch
         speed = batch_speed(self.options)
         settings = BatchSettings(
-            batch.batch_window,
+            batch.batch_window.strip(),
             batch.wait,
             batch.batch_fallback,
             speed=speed,
@@ -291,10 +309,9 @@ class _LockedRun:
             )
         elif result.stopped is not None:
             log.warning(
-                "stopped by %s: %s rows not answered are marked skipped; run the same "
-                "command again to finish them (journal: %s)",
+                "stopped by %s: %s; run the same command again to finish (journal: %s)",
                 result.stopped,
-                f"{skipped:,}",
+                f"{skipped:,} rows not answered are marked skipped" if skipped else "no row was skipped",
                 self.journal.path,
                 extra=event("stopped", signal=result.stopped, skipped=skipped),
             )
@@ -315,7 +332,7 @@ def _refused(budget: Budget) -> str:
     return f" (the next request could cost up to ${budget.refused:.4f}; {lower})"
 
 
-def _on_signal(control: RunControl, name: str, grace: float) -> None:
+def _on_signal(control: RunControl, name: str, grace: float, batch: bool = False) -> None:
     if control.stopping:
         log.warning(
             "%s again: stopping now; the journal keeps every finished row",
@@ -324,10 +341,11 @@ def _on_signal(control: RunControl, name: str, grace: float) -> None:
         )
         control.stop_now()
         return
+    doing = "submitting nothing more and cancelling no batch" if batch else "sending no more requests"
     log.warning(
-        "%s: sending no more requests; letting those in flight finish (up to %gs); "
-        "send it again (Ctrl-C) to stop at once",
+        "%s: %s; letting calls in flight finish (up to %gs); send it again (Ctrl-C) to stop at once",
         name,
+        doing,
         grace,
         extra=event("stopping", signal=name, grace=grace),
     )

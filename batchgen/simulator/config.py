@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -131,8 +132,8 @@ class SimulatorConfig:
     def _check_batch_fields(self) -> None:
         for name in ("batch_speed", "batch_lines_per_second"):
             value = getattr(self, name)
-            if not value > 0:  # also rejects NaN
-                raise ValueError(f"{name} must be > 0, got {value!r}")
+            if not 0 < value < math.inf:  # also rejects NaN
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         for name in ("batch_validation_seconds", "batch_queue_seconds", "batch_finalizing_seconds"):
             value = getattr(self, name)
             if not value >= 0:
