@@ -796,3 +796,33 @@ def test_fresh_is_refused_while_batches_may_still_answer_rows(batch_sim, tmp_pat
     assert batch_run(sim).exit_code == 0
     assert batch_run(sim, "--fresh").exit_code == 6  # all collected: --fresh starts over, as asked
     assert len(sim.stats.batch.created) == 2
+
+
+def test_wait_leaves_an_unlisted_create_pending_and_a_run_after_the_grace_resubmits(batch_sim, tmp_path):
+    sim, clock = batch_sim(
+        batch_fault_create_500=1.0, batch_validation_seconds=0, batch_finalizing_seconds=0,
+        batch_lines_per_second=1e9,
+    )  # fmt: skip
+    write_prompts(tmp_path / "in.csv", PROMPTS[:3])
+    assert batch_run(sim).exit_code == 6
+    object.__setattr__(sim.config, "batch_fault_create_500", 0.0)
+    waited = batch_run(sim, "--wait")  # within the grace: nothing to wait on, nothing resent
+    assert waited.exit_code == 6 and set(read()["status"]) == {"pending"}, waited.stderr
+    assert waited.stderr.count("is listed yet") == 1 and sim.stats.batch.created == []
+    clock.advance(601)
+    assert batch_run(sim, "--wait").exit_code == 0 and executed(sim) == Counter(IDS[:3])
+
+
+def test_a_journal_whose_batch_tables_cannot_be_read_is_refused_not_taken_as_empty(batch_sim, tmp_path):
+    sim, _ = batch_sim()
+    write_prompts(tmp_path / "in.csv", PROMPTS[:3])
+    assert batch_run(sim).exit_code == 6
+    with contextlib.closing(sqlite3.connect(journal_path(Path("out.csv")))) as db:
+        db.execute("ALTER TABLE batch_chunks RENAME COLUMN create_sent_at TO sent")  # another layout
+    for extra in (["--fresh"], [], ["--fresh", "--dry-run"]):
+        result = batch_run(sim, *extra)
+        assert result.exit_code == 2 and "Traceback" not in result.stderr, (extra, result.stderr)
+        assert "pre-release batchgen" in result.stderr
+    listed = invoke(["batch", "list", "out.csv"], key=None)
+    assert listed.exit_code == 2 and "pre-release batchgen" in listed.stderr
+    assert len(sim.stats.batch.created) == 1  # nothing was sent again

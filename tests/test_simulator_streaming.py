@@ -367,10 +367,11 @@ def test_drop_fault_on_a_stream_closes_the_connection() -> None:
     ):
         try:
             http.post(TEXT, json=text_body())
-        except httpx.RemoteProtocolError as caught:
-            error = caught
+        except (httpx.RemoteProtocolError, httpx.ReadError) as caught:  # EOF, or a reset if the
+            error = caught  # close raced the kernel still holding request bytes: no answer either way
 
-    assert error is not None and "without sending a response" in str(error)
+    assert error is not None
+    assert "without sending a response" in str(error) or "Connection reset" in str(error), error
     assert simulator.stats.streamed == 0
 
 

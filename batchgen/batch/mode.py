@@ -7,7 +7,7 @@ writes the output, taking every row from the journal or holding it as ``pending`
    collected: every row of its chunk gets a journal entry (answered, refused, never run, or
    missing from both files), in one commit, and its files are deleted.
 2. Submit every row that needs an answer and is in no open batch, in chunks of at most 50,000
-   lines and 500 MB, written to a temporary file beside the output (memory stays flat) and
+   lines and 480 MB, written to a temporary file beside the output (memory stays flat) and
    named after their content, so a rerun rebuilds the same files.
 3. With ``wait``, poll (60 s, backing off to 5 min) until no batch is open, collecting each.
 
@@ -55,6 +55,7 @@ log = logging.getLogger("batchgen")
 
 FALLBACKS = ("batch", "online", "none")
 Hold = Callable[[list[PlannedRow]], "list[tuple[RowResult, bool] | None]"]  # the pool's ``hold``
+_GIVEN_UP = frozenset({"failed", "expired", "cancelling", "cancelled"})
 LISTING_GRACE_SECONDS = 600  # a batch made moments ago may not be listed yet: look again later
 RETENTION_SECONDS = 30 * 86400  # the service answers for a batch this long after its creation
 
@@ -65,7 +66,10 @@ def now() -> float:
 
 
 def _utc(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    except (ValueError, OverflowError, OSError):  # not unix seconds (milliseconds, say)
+        return f"at {seconds!r}"
 
 
 async def _no_lines() -> AsyncIterator[bytes]:
@@ -106,6 +110,7 @@ class BatchRun:
     collected_now: set[str] = field(default_factory=set)  # their leftovers wait for the next run
     mine: set[str] = field(default_factory=set)  # chunks this run submitted
     unsure: set[str] = field(default_factory=set)  # ... whose create went unanswered and unlisted
+    told: set[str] = field(default_factory=set)  # chunks whose "not listed yet" was said
     submitted: int = 0
 
     def __post_init__(self) -> None:
@@ -140,18 +145,19 @@ class BatchRun:
             )
 
     # -- 1. settle ---------------------------------------------------------------------------
-    async def settle(self) -> list[RemoteBatch]:
-        """Every open chunk brought up to date; the batches still running."""
-        for file_id in self.store.unfreed():  # a run stopped between a commit and its deletes
+    async def settle(self, *, resubmit: bool = True) -> list[RemoteBatch]:
+        """Every open chunk brought up to date; the batches still running. ``resubmit``: a
+        chunk whose create made no batch may be given up (its rows are submitted next)."""
+        for file_id in self.store.unfreed(self.service):  # a run stopped between a commit and its deletes
             await self.free(file_id)
         running = []
         for chunk in self.store.chunks(open_only=True):
-            remote = await self.settle_chunk(chunk)
+            remote = await self.settle_chunk(chunk, resubmit=resubmit)
             if remote is not None and not remote.ended:
                 running.append(remote)
         return running
 
-    async def settle_chunk(self, chunk: Chunk) -> RemoteBatch | None:
+    async def settle_chunk(self, chunk: Chunk, *, resubmit: bool = True) -> RemoteBatch | None:
         if chunk.base_url == SIMULATED and chunk.name not in self.mine:
             log.warning(
                 "%s ran on the simulator of an earlier --simulate run, which ended with it: its "
@@ -178,11 +184,14 @@ class BatchRun:
                 return None
             assert chunk.file_id is not None
             found = await self.created_from(chunk.name, chunk.file_id)
-            if found is None and now() - (chunk.uploaded_at or 0.0) < LISTING_GRACE_SECONDS:
-                log.warning(
-                    "no batch of %s is listed yet; its %s rows stay pending: the next run looks again",
-                    chunk.name, f"{chunk.lines:,}",
-                )  # fmt: skip
+            recent = now() - (chunk.create_sent_at or 0.0) < LISTING_GRACE_SECONDS
+            if found is None and (recent or not resubmit):  # a batch made moments ago may not show yet
+                if chunk.name not in self.told:
+                    self.told.add(chunk.name)
+                    log.warning(
+                        "no batch of %s is listed yet; its %s rows stay pending: a run 10 minutes "
+                        "after its create looks again", chunk.name, f"{chunk.lines:,}",
+                    )  # fmt: skip
                 return None
             if found is None:  # no create took effect: the rows go again, in a new file
                 await self.free(chunk.file_id)
@@ -207,11 +216,15 @@ class BatchRun:
         """The batch a lost create made of ``file_id``, if any; more than one (a create sent
         twice) and the later ones are cancelled, so that only one runs and is paid."""
         found = await self.api.find(name, file_id)
-        for extra in found[1:]:
-            log.warning("batch %s repeats %s (same file, %s): cancelling it", extra.id, found[0].id, name)
-            if not extra.ended:
-                await self.api.cancel(extra.id)
-        return found[0] if found else None
+        if not found:
+            return None
+        keep = next((b for b in found if b.status not in _GIVEN_UP), found[0])  # oldest still useful
+        for extra in found:
+            if extra is not keep:
+                log.warning("batch %s repeats %s (same file, %s): cancelling it", extra.id, keep.id, name)
+                if not extra.ended and extra.status != "cancelling":
+                    await self.api.cancel(extra.id)
+        return keep
 
     def unknown(self, chunk: Chunk, exc: FatalAPIError) -> None:
         """A batch the service answers 404 for: past its 30 days, its rows go again; before, it
@@ -255,7 +268,7 @@ class BatchRun:
                     line = unanswered(row, remote, bad_lines, chunk.model, self.settings.fallback, unreadable)
                     self.journal.record(row.key, row.request_hash, line.final, line.result)
             self.store.close(chunk.name, COLLECTED)
-            self.store.to_free(files)
+            self.store.to_free(files, self.service)
         self.collected_now.add(remote.id)
         if unreadable:
             log.warning("%s lines of batch %s's result files could not be read", f"{unreadable:,}", remote.id)
@@ -271,7 +284,7 @@ class BatchRun:
             await self.api.delete(file_id)
         except FatalAPIError as exc:  # storage is the account's, not a row's: say so, go on
             log.warning("could not delete file %s (%s); the next run tries again", file_id, exc)
-            self.store.to_free([file_id])
+            self.store.to_free([file_id], self.service)
             return
         self.store.freed(file_id)
 
@@ -371,6 +384,7 @@ class BatchRun:
             remote = await self.created_from(name, file_id)
         if remote is None:  # never sent twice by one run: the next run looks again, then sends
             self.unsure.add(name)
+            self.store.create_lost(name, now())
             log.warning(
                 "the Batch API did not answer the create of %s and lists no batch of it yet: its %s "
                 "rows stay pending; the next run looks for it again before sending anything",
@@ -384,13 +398,13 @@ class BatchRun:
     # -- 3. wait -----------------------------------------------------------------------------
     async def wait(self) -> None:
         delay = self.settings.poll
-        running = await self.settle()
+        running = await self.settle(resubmit=False)
         while running and not self.stopping():
             log.info("%s", _waiting_line(running))
             await self.pause(delay / self.settings.speed)
             delay = min(delay * 1.5, self.settings.poll_max)
             if not self.stopping():
-                running = await self.settle()
+                running = await self.settle(resubmit=False)
         if running and self.stopping():
             log.warning(
                 "stopped waiting: %s batch(es) keep running on the service (none is cancelled); "

@@ -219,14 +219,15 @@ class BatchAPI:
             page = await self._json(
                 "GET", path, params={**params, "limit": LIST_PAGE, **({"after": after} if after else {})}
             )
-            items = [
-                item
-                for item in page.get("data") or []
-                if isinstance(item, dict) and isinstance(item.get("id"), str)
-            ]
+            data = page.get("data")
+            items = (
+                [i for i in data if isinstance(i, dict) and isinstance(i.get("id"), str)]
+                if isinstance(data, list)
+                else []
+            )
             for item in items:
                 yield item
-            if not page.get("has_more") or not items:
+            if not page.get("has_more") or not items or items[-1]["id"] == after:  # no page past the last
                 return
             after = items[-1]["id"]
 

@@ -12,18 +12,22 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+from batchgen.errors import UsageError
 from batchgen.journal import Journal
+
+T = TypeVar("T")
 
 FORMED, UPLOADED, SUBMITTED = "formed", "uploaded", "submitted"
 COLLECTED, ABANDONED = "collected", "abandoned"
 
 _COLUMNS = (
     "name, model, lines, bytes, window, state, file_id, batch_id, remote_status, base_url, workspace, "
-    "uploaded_at, submitted_at"
+    "create_sent_at, submitted_at"
 )  # Chunk's fields, in order
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batch_chunks (
@@ -38,7 +42,7 @@ CREATE TABLE IF NOT EXISTS batch_chunks (
     remote_status TEXT,
     base_url TEXT NOT NULL,
     workspace TEXT,
-    uploaded_at REAL,
+    create_sent_at REAL,
     submitted_at REAL
 );
 CREATE TABLE IF NOT EXISTS batch_rows (
@@ -49,7 +53,7 @@ CREATE TABLE IF NOT EXISTS batch_rows (
     PRIMARY KEY (chunk, line)
 );
 CREATE INDEX IF NOT EXISTS batch_rows_key ON batch_rows (key);
-CREATE TABLE IF NOT EXISTS batch_files_to_free (file_id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS batch_files_to_free (file_id TEXT PRIMARY KEY, service TEXT NOT NULL);
 """
 SIMULATED = "simulate"  # the base URL recorded for a --simulate run's chunks: gone with that run
 OPEN_STATES = (FORMED, UPLOADED, SUBMITTED)  # a chunk whose rows may still be answered by its batch
@@ -70,7 +74,7 @@ class Chunk:
     remote_status: str | None = None
     base_url: str = ""  # where its file and batch live (SIMULATED: --simulate's own simulator)
     workspace: str | None = None
-    uploaded_at: float | None = None  # unix time, by this machine's clock
+    create_sent_at: float | None = None  # unix time of the last create sent, by this machine's clock
     submitted_at: float | None = None  # unix time of the create: the batch's created_at
 
     @property
@@ -98,6 +102,7 @@ class BatchStore:
     def __init__(self, journal: Journal) -> None:
         self._db = journal.connection
         self._db.executescript(_SCHEMA)
+        _check_layout(self._db)
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('journal_id', ?)", (uuid.uuid4().hex[:16],))
         (self.journal_id,) = self._db.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()
 
@@ -125,11 +130,16 @@ class BatchStore:
                 [(chunk.name, r.line, r.key, r.request_hash) for r in rows],
             )
 
-    def set_file(self, name: str, file_id: str, uploaded_at: float) -> None:
+    def set_file(self, name: str, file_id: str, create_sent_at: float) -> None:
+        """The file is uploaded and its create about to be sent."""
         self._db.execute(
-            "UPDATE batch_chunks SET file_id = ?, state = ?, uploaded_at = ? WHERE name = ?",
-            (file_id, UPLOADED, uploaded_at, name),
+            "UPDATE batch_chunks SET file_id = ?, state = ?, create_sent_at = ? WHERE name = ?",
+            (file_id, UPLOADED, create_sent_at, name),
         )
+
+    def create_lost(self, name: str, at: float) -> None:
+        """A create went unanswered at ``at``: a lookup finds its batch only some time after."""
+        self._db.execute("UPDATE batch_chunks SET create_sent_at = ? WHERE name = ?", (at, name))
 
     def set_batch(self, name: str, batch_id: str, remote_status: str, created_at: float) -> None:
         self._db.execute(
@@ -156,16 +166,19 @@ class BatchStore:
         return len(names)
 
     # -- the account's storage ---------------------------------------------------------------
-    def to_free(self, file_ids: list[str]) -> None:
+    def to_free(self, file_ids: list[str], service: str) -> None:
         """Files to delete once their results are recorded (in the same commit as those)."""
-        self._db.executemany("INSERT OR IGNORE INTO batch_files_to_free VALUES (?)", [(f,) for f in file_ids])
+        self._db.executemany(
+            "INSERT OR IGNORE INTO batch_files_to_free VALUES (?, ?)", [(f, service) for f in file_ids]
+        )
 
     def freed(self, file_id: str) -> None:
         self._db.execute("DELETE FROM batch_files_to_free WHERE file_id = ?", (file_id,))
 
-    def unfreed(self) -> list[str]:
-        """Files a run recorded to delete and was stopped before deleting."""
-        return [f for (f,) in self._db.execute("SELECT file_id FROM batch_files_to_free ORDER BY rowid")]
+    def unfreed(self, service: str) -> list[str]:
+        """Files of ``service`` a run recorded to delete and did not (stopped, or refused)."""
+        query = "SELECT file_id FROM batch_files_to_free WHERE service = ? ORDER BY rowid"
+        return [f for (f,) in self._db.execute(query, (service,))]
 
     def chunks(self, *, open_only: bool = False) -> list[Chunk]:
         return _chunks(self._db, open_only=open_only)
@@ -204,25 +217,59 @@ def read_chunks(path: Path, *, open_only: bool = False) -> list[Chunk]:
     """A journal's chunks, read without its lock and without writing (``batch list``,
     ``--dry-run``, ``--fresh``'s check): empty if no batch-mode run wrote that journal. The
     journal is in WAL mode, so this never waits for a run writing it."""
-    if not path.exists():
-        return []
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as db:
-            return _chunks(db, open_only=open_only)
-    except sqlite3.DatabaseError:  # no batch tables (or not a journal): no batch of it to know
-        return []
+    return _read(path, lambda db: _chunks(db, open_only=open_only), [])
 
 
 def read_held_keys(path: Path) -> set[str]:
     """The keys of rows in chunks not yet collected, read as :func:`read_chunks` reads."""
-    if not path.exists():
-        return set()
     query = (
         "SELECT r.key FROM batch_rows r JOIN batch_chunks c ON c.name = r.chunk "
         f"WHERE c.state IN ({','.join('?' * len(OPEN_STATES))}) AND c.base_url != '{SIMULATED}'"
     )  # a --simulate run's batches ended with it: the next run sends their rows
+    return _read(path, lambda db: {key for (key,) in db.execute(query, OPEN_STATES)}, set())
+
+
+def _read(path: Path, read: Callable[[sqlite3.Connection], T], empty: T) -> T:
+    """``read`` on a read-only connection; ``empty`` if no batch-mode run wrote the journal.
+    A journal that cannot be read is an error, never "no batches": money depends on it."""
+    if not path.exists():
+        return empty
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as db:
-            return {key for (key,) in db.execute(query, OPEN_STATES)}
-    except sqlite3.DatabaseError:
-        return set()
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    except sqlite3.Error as exc:
+        raise UsageError(f"cannot open {path} ({exc}): check its permissions") from None
+    with contextlib.closing(connection) as db:
+        try:
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'batch_chunks'").fetchone():
+                return empty
+        except sqlite3.DatabaseError:  # not a database at all: nothing can be known of its batches
+            return empty  # (the run says it is not a journal; --fresh replaces it)
+        try:
+            _check_layout(db)
+            return read(db)
+        except sqlite3.DatabaseError as exc:
+            raise UsageError(
+                f"cannot read the batches {path} records ({exc}): if none of them is still running, "
+                "delete it to start over"
+            ) from None
+
+
+def _check_layout(db: sqlite3.Connection) -> None:
+    columns = {row[1] for row in db.execute("PRAGMA table_info(batch_chunks)")}
+    if "create_sent_at" not in columns:
+        raise UsageError(
+            "this journal's batch tables were written by a pre-release batchgen: collect or cancel its "
+            "batches with that version, or delete the journal if none is running"
+        )
+
+
+def refuse_forgetting(output: Path, path: Path) -> None:
+    """``--fresh`` forgets the journal: never while a batch may still answer (and bill) rows."""
+    running = [c for c in read_chunks(path, open_only=True) if c.base_url != SIMULATED]
+    if running:
+        rows = sum(c.lines for c in running)
+        raise UsageError(
+            f"{output} has {rows:,} rows in {len(running)} batch(es) not yet collected, which --fresh "
+            f"would forget (and pay for again): run with --batch to collect them first "
+            f"(`batchgen batch cancel {output}` stops them)"
+        )

@@ -34,7 +34,7 @@ class BatchTarget:
 
     def config(self, key: str, chunk: Chunk) -> RunConfig:
         url = self.base_url or (
-            resolve_base_url(None, self.region, api="openai") if self.region else chunk.base_url
+            resolve_base_url(None, self.region, environ={}, api="openai") if self.region else chunk.base_url
         )
         return RunConfig(api_key=key, base_url=url, api="openai", workspace=self.workspace or chunk.workspace)
 

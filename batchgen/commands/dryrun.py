@@ -10,7 +10,7 @@ from pathlib import Path
 
 from batchgen.api.models import thinks
 from batchgen.batch.lines import MAX_LINES
-from batchgen.batch.store import read_held_keys
+from batchgen.batch.store import read_held_keys, refuse_forgetting
 from batchgen.budget import (
     DEFAULT_OUTPUT_ASSUMPTION,
     IMAGE_TOKENS_MAX,
@@ -64,6 +64,8 @@ def _count(prepared: Prepared) -> _Count:
     options, config = prepared.options, prepared.config
     fresh = options.policy.fresh
     path = journal_path(options.output.output_path)
+    if fresh:
+        refuse_forgetting(options.output.output_path, path)  # as the run would
     previous = {} if fresh else _journal_read_only(path)
     held = set() if fresh else read_held_keys(path)
     messages = config.dialect.messages

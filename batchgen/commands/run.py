@@ -14,7 +14,7 @@ import polars as pl
 from batchgen import __version__
 from batchgen.batch.mode import BatchRun, BatchSettings, Hold, held_rows
 from batchgen.batch.remote import BatchAPI
-from batchgen.batch.store import COLLECTED, SIMULATED, BatchStore, read_chunks, read_held_keys
+from batchgen.batch.store import COLLECTED, BatchStore, read_held_keys, refuse_forgetting
 from batchgen.budget import Budget
 from batchgen.commands.dryrun import dry_run
 from batchgen.commands.outputs import beside, keep_other_request_set, remove_superseded, signals_deferred
@@ -105,7 +105,7 @@ class _LockedRun:
     def run(self) -> int:
         self.journal.clean_leftovers(self.output)
         if self.options.policy.fresh:
-            self._check_no_open_batches()
+            refuse_forgetting(self.output, self.journal.path)
             self.journal.discard()
         self.journal.open()
         writer = TableWriter(self.output.parent, self.output.name, self.prepared.output_format, self.metadata)  # type: ignore[arg-type]
@@ -192,17 +192,6 @@ class _LockedRun:
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
-
-    def _check_no_open_batches(self) -> None:
-        """``--fresh`` forgets the journal: never while a batch may still answer (and bill) rows."""
-        running = [c for c in read_chunks(self.journal.path, open_only=True) if c.base_url != SIMULATED]
-        if running:
-            rows = sum(c.lines for c in running)
-            raise UsageError(
-                f"{self.output} has {rows:,} rows in {len(running)} batch(es) not yet collected, which "
-                f"--fresh would forget (and pay for again): run with --batch to collect them first "
-                f"(`batchgen batch cancel {self.output}` stops them)"
-            )
 
     def _held_by_batches(self) -> Hold | None:
         """Rows in batches an earlier ``--batch`` run submitted stay pending in a real-time run."""
