@@ -165,19 +165,18 @@ class BatchRun:
             )  # fmt: skip
             self.store.close(chunk.name, ABANDONED)
             return None
-        if chunk.service != self.service:
-            if chunk.state != FORMED:  # its batch may run there: its rows wait for a run that reaches it
-                log.warning(
-                    "%s (%s rows) was submitted to %s, not %s: its rows stay pending; collect it "
-                    "with the base URL, --region or --workspace that reaches it",
-                    chunk.batch_id or chunk.name, f"{chunk.lines:,}", chunk.service, self.service,
-                )  # fmt: skip
-                return None
-        elif chunk.state == FORMED:  # killed before its upload was recorded: no batch can exist
-            for file_id in await self.api.files_named(f"{chunk.name}.jsonl"):
-                await self.free(file_id)  # an upload whose answer never came
-        if chunk.state == FORMED:
+        if chunk.state == FORMED:  # killed before its upload was recorded: no batch can exist
+            if chunk.service == self.service:
+                for file_id in await self.api.files_named(f"{chunk.name}.jsonl"):
+                    await self.free(file_id)  # an upload whose answer never came
             self.store.close(chunk.name, ABANDONED)
+            return None
+        if chunk.service != self.service:  # its batch may run there: its rows wait for a run that reaches it
+            log.warning(
+                "%s (%s rows) was submitted to %s, not %s: its rows stay pending; collect it "
+                "with the base URL, --region or --workspace that reaches it",
+                chunk.batch_id or chunk.name, f"{chunk.lines:,}", chunk.service, self.service,
+            )  # fmt: skip
             return None
         if chunk.state == UPLOADED:  # killed between upload and create: did the create happen?
             if chunk.name in self.unsure:  # this run's own lost create: the next run looks again
