@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -72,11 +72,6 @@ def _utc(seconds: float) -> str:
         return f"at {seconds!r}"
 
 
-async def _no_lines() -> AsyncIterator[bytes]:
-    return
-    yield  # pragma: no cover
-
-
 @dataclass(frozen=True)
 class BatchSettings:
     """How batch mode runs: ``--batch-window``, ``--wait``, ``--batch-fallback``."""
@@ -109,7 +104,6 @@ class BatchRun:
     store: BatchStore = field(init=False)
     collected_now: set[str] = field(default_factory=set)  # their leftovers wait for the next run
     mine: set[str] = field(default_factory=set)  # chunks this run submitted
-    unsure: set[str] = field(default_factory=set)  # ... whose create went unanswered and unlisted
     told: set[str] = field(default_factory=set)  # chunks whose "not listed yet" was said
     submitted: int = 0
 
@@ -179,8 +173,6 @@ class BatchRun:
             )  # fmt: skip
             return None
         if chunk.state == UPLOADED:  # killed between upload and create: did the create happen?
-            if chunk.name in self.unsure:  # this run's own lost create: the next run looks again
-                return None
             assert chunk.file_id is not None
             found = await self.created_from(chunk.name, chunk.file_id)
             recent = now() - (chunk.create_sent_at or 0.0) < LISTING_GRACE_SECONDS
@@ -212,8 +204,8 @@ class BatchRun:
         return remote
 
     async def created_from(self, name: str, file_id: str) -> RemoteBatch | None:
-        """The batch a lost create made of ``file_id``, if any; more than one (a create sent
-        twice) and the later ones are cancelled, so that only one runs and is paid."""
+        """The batch a lost create made of ``file_id``, if any; of several (a service that made
+        two), the oldest still useful is kept and the others cancelled: only one runs and is paid."""
         found = await self.api.find(name, file_id)
         if not found:
             return None
@@ -248,11 +240,11 @@ class BatchRun:
         rows = {r.key: r for r in self.store.rows(chunk.name)}
         bad_lines = {e["line"]: e for e in remote.errors if isinstance(e.get("line"), int)}
         files = [f for f in (chunk.file_id, remote.output_file_id, remote.error_file_id) if f]
-        answered: dict[str, bool] = {}  # custom_id -> the line recorded is an answer
+        answered: dict[str, bool] = {}  # row key (the line's custom_id) -> the line recorded is an answer
         unreadable = 0
         with self.store.transaction():
-            for file_id in (remote.output_file_id, remote.error_file_id):
-                async for raw in self.api.lines(file_id) if file_id else _no_lines():
+            for file_id in filter(None, (remote.output_file_id, remote.error_file_id)):
+                async for raw in self.api.lines(file_id):
                     line = read_result_line(raw, chunk.model, remote.id, self.check_json)
                     if line is None:
                         unreadable += 1
@@ -381,8 +373,8 @@ class BatchRun:
             remote: RemoteBatch | None = await self.api.create(file_id, self.settings.window, metadata)
         except LostAnswer:
             remote = await self.created_from(name, file_id)
-        if remote is None:  # never sent twice by one run: the next run looks again, then sends
-            self.unsure.add(name)
+        if remote is None:  # never sent twice by one run: within the grace, a lookup is all it gets
+            self.told.add(name)
             self.store.create_lost(name, now())
             log.warning(
                 "the Batch API did not answer the create of %s and lists no batch of it yet: its %s "
@@ -437,9 +429,7 @@ class BatchRun:
             collected_now = row.earlier.result.get("batch_id") in self.collected_now
             return (from_journal(row.earlier), False) if collected_now else None
         if row.key in held:
-            return RowResult(
-                PENDING, model=self.config.model, billing_mode=BATCH, batch_id=held[row.key]
-            ), False
+            return _pending(self.config.model, held[row.key]), False
         if self.settings.fallback == "online" and self.leftover(row.last):
             return None
         if row.last is not None:
@@ -458,13 +448,18 @@ def held_rows(store: BatchStore, model: str) -> Hold:
     def hold(planned: list[PlannedRow]) -> list[tuple[RowResult, bool] | None]:
         held = store.held([row.key for row in planned])
         return [
-            (RowResult(PENDING, model=model, billing_mode=BATCH, batch_id=held[row.key]), False)
+            (_pending(model, held[row.key]), False)
             if row.problem is None and row.earlier is None and row.key in held
             else None
             for row in planned
         ]
 
     return hold
+
+
+def _pending(model: str, batch_id: str | None) -> RowResult:
+    """A row in a batch not yet collected (batch_id None: its create is still being looked up)."""
+    return RowResult(PENDING, model=model, billing_mode=BATCH, batch_id=batch_id)
 
 
 def _waiting_line(running: list[RemoteBatch]) -> str:
