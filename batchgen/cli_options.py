@@ -200,6 +200,17 @@ def _pacing_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="Hold --rpm/--tpm exactly: no ramp-up, no slowing down on 429s.",
         ),
         click.option(
+            "--rate-store",
+            metavar="URL",
+            help="Share one --rpm/--tpm budget with every run using this Redis, e.g. "
+            "redis://127.0.0.1:6379/0.  [default: this run's own budget]",
+        ),
+        click.option(
+            "--rate-key",
+            metavar="NAME",
+            help="The shared budget's name in --rate-store.  [default: one per service, account and model]",
+        ),
+        click.option(
             "--max-attempts",
             type=click.IntRange(min=1),
             default=8,

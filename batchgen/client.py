@@ -23,7 +23,7 @@ from batchgen.api.native import too_large
 from batchgen.api.stream import StreamAssembler
 from batchgen.api.types import APIError, Disposition, Reply
 from batchgen.config import RunConfig
-from batchgen.ratelimit import Governor, throttle_kind
+from batchgen.ratelimit import Pacing, throttle_kind
 from batchgen.sse import SSEDecoder
 
 BACKOFF_INITIAL = 0.5  # seconds; the official SDK's values
@@ -142,7 +142,7 @@ class Caller:
         config: RunConfig,
         transport: httpx.AsyncBaseTransport,
         *,
-        governor: Governor,
+        governor: Pacing,
         aborted: Callable[[], bool],
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:

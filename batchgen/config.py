@@ -18,6 +18,7 @@ from batchgen.api.dialect import DIALECTS, Dialect
 from batchgen.api.models import route_for_model, stream_by_default
 from batchgen.api.types import Api, Route
 from batchgen.errors import UsageError
+from batchgen.ratestore import check_store_url, default_rate_key
 
 COMPATIBLE_PREFIX = "/compatible-mode/v1"  # the OpenAI-compatible API on the same hosts
 NATIVE_PREFIX = "/api/v1"
@@ -84,6 +85,9 @@ class RunConfig:
     rpm: float = DEFAULT_RPM
     tpm: float | None = None  # tokens per minute (input + output); None: not paced on tokens
     adaptive: bool = True  # ramp up at start, slow down on throttling 429s
+    # A Redis URL holding the account's budget, shared with other runs; None: this run's own.
+    rate_store: str | None = field(default=None, repr=False)
+    rate_key: str | None = None  # the budget's name in the store; None: default_rate_key(...)
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     timeout: float = DEFAULT_TIMEOUT
 
@@ -113,9 +117,20 @@ class RunConfig:
             raise UsageError(f"--api must be dashscope or openai, got {self.api!r}")
         if not self.base_url.startswith(("http://", "https://")):
             raise UsageError(f"base URL {self.base_url!r} must start with http:// or https://")
+        if self.rate_store is not None:
+            check_store_url(self.rate_store)
+        if self.rate_key is not None and not self.rate_key.strip():
+            raise UsageError("--rate-key is empty: give the budget a name, e.g. --rate-key team-a:qwen-plus")
         object.__setattr__(self, "api_key", self.api_key.strip())
         object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
         object.__setattr__(self, "parameters", validate_parameters(self.parameters))
+
+    @property
+    def effective_rate_key(self) -> str:
+        """The shared budget's name: ``rate_key``, or one per service, account and model."""
+        if self.rate_key:
+            return self.rate_key
+        return default_rate_key(self.base_url, self.workspace, self.api_key, self.model)
 
     @cached_property
     def effective_route(self) -> Route:

@@ -105,6 +105,8 @@ class PacingOptions:
     rpm: float = 600.0
     tpm: float | None = None
     fixed_rate: bool = False
+    rate_store: str | None = None
+    rate_key: str | None = None
     max_attempts: int = 8
     timeout: float = 300.0
 

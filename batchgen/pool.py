@@ -33,7 +33,8 @@ from batchgen.jsonmode import reply_checker
 from batchgen.planning import Batch, PlannedRow, plan_rows
 from batchgen.pricing import PriceTable
 from batchgen.prompts import PromptSpec
-from batchgen.ratelimit import Governor
+from batchgen.ratelimit import Governor, Pacing
+from batchgen.redisstore import open_store
 from batchgen.results import (
     ERROR,
     OK,
@@ -48,6 +49,7 @@ from batchgen.results import (
     results_frame,
     utc_now,
 )
+from batchgen.sharedrate import SharedGovernor
 
 if TYPE_CHECKING:
     import httpx
@@ -158,6 +160,8 @@ class PoolOptions:
     # Batch mode: each planned row's result when it must not be sent (pending in a batch, ...),
     # and whether it counts as resumed.
     hold: Callable[[list[PlannedRow]], list[tuple[RowResult, bool] | None]] | None = None
+    # Pacing shared with other pools (a Ray actor's, a library user's); None: the run's own.
+    governor: Pacing | None = None
 
 
 class Pool:
@@ -172,9 +176,8 @@ class Pool:
         prices = options.prices
         self.model_price = prices.lookup(config.model) if prices is not None else None
         self.check_json = reply_checker(config.parameters, config.json_schema)
-        self.governor = Governor(
-            config.rpm, config.tpm, adaptive=config.adaptive, clock=options.clock, sleep=options.sleep
-        )
+        self.owned_store = False  # a store this pool opened for --rate-store, closed at the end
+        self.governor = options.governor or self._governor()
         self.stats.governor = self.governor
         self.fatal: list[APIError] = []
         self.unreachable: list[APIError] = []  # rows one after another that never reached the service
@@ -185,6 +188,19 @@ class Pool:
         self.queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=2 * self.concurrency)
         self.endpoint = options.endpoint or config.base_url
         self.caller: Caller | None = None
+
+    def _governor(self) -> Pacing:
+        """The run's own pacing: in this process, or taking its slots from ``--rate-store``."""
+        config, options = self.config, self.options
+        if config.rate_store is None:
+            return Governor(
+                config.rpm, config.tpm, adaptive=config.adaptive, clock=options.clock, sleep=options.sleep
+            )
+        store = open_store(config.rate_store, config.effective_rate_key)
+        self.owned_store = True
+        return SharedGovernor(
+            store, config.rpm, config.tpm, adaptive=config.adaptive, clock=options.clock, sleep=options.sleep
+        )
 
     # -- rows finishing ----------------------------------------------------------------------
     def sending(self) -> bool:
@@ -389,7 +405,11 @@ class Pool:
                 self.config, http, governor=self.governor, aborted=lambda: not self.sending(),
                 sleep=self.options.sleep,
             )  # fmt: skip
-            await self.drive(batches)
+            try:
+                await self.drive(batches)
+            finally:
+                if self.owned_store and isinstance(self.governor, SharedGovernor):
+                    await self.governor.aclose()
         self.account_for_the_rest()
         return self.outcome_of_run()
 

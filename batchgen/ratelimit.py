@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 START_FRACTION = 1 / 3  # of the target rate, at the start of a run
 RAMP_SECONDS = 2.0  # from START_FRACTION to the full target, when nothing throttles
@@ -78,6 +79,50 @@ class _Rate:
         return True
 
 
+class Pacing(Protocol):
+    """What the client and the pool ask of a governor: this module's, or a shared one's
+    (``batchgen.sharedrate``)."""
+
+    throttles: dict[str, int]
+
+    async def acquire(self, tokens: int = 0) -> None: ...
+
+    def settle(self, estimated: int, actual: int) -> None: ...
+
+    def throttled(self, kind: str) -> None: ...
+
+    def observed_output(self, tokens: int) -> None: ...
+
+    def output_estimate(self, max_tokens: int | None, default: int) -> int: ...
+
+    @property
+    def admitted_rpm(self) -> float: ...
+
+    @property
+    def admitted_tpm(self) -> float | None: ...
+
+
+class OutputEstimate:
+    """The tokens to reserve for a reply, from the replies seen so far in this process."""
+
+    def __init__(self) -> None:
+        self._outputs: deque[int] = deque(maxlen=256)
+        self._p90: int | None = None
+
+    def observe(self, tokens: int) -> None:
+        self._outputs.append(tokens)
+        if len(self._outputs) % 32 == 1:
+            ordered = sorted(self._outputs)
+            self._p90 = ordered[int(0.9 * (len(ordered) - 1))]
+
+    def estimate(self, max_tokens: int | None, default: int) -> int:
+        """The 90th percentile of replies so far, capped by ``max_tokens``; before any reply,
+        ``max_tokens`` or ``default``. Settling corrects it."""
+        if self._p90 is not None:
+            return min(self._p90, max_tokens) if max_tokens else self._p90
+        return max_tokens or default
+
+
 class Governor:
     """Requests per second and tokens per second for one run; see the module docstring."""
 
@@ -102,8 +147,7 @@ class Governor:
         self._next_token = 0.0  # ... of the next token
         self._last = clock()
         self.throttles = {REQUESTS: 0, TOKENS: 0, BURST: 0}
-        self._outputs: deque[int] = deque(maxlen=256)
-        self._output_p90: int | None = None
+        self.outputs = OutputEstimate()
 
     # -- admission -------------------------------------------------------------------------
     def _advance(self, now: float) -> None:
@@ -158,17 +202,10 @@ class Governor:
                 self.requests.climb /= 2  # it punishes ramps: climb back slower
 
     def observed_output(self, tokens: int) -> None:
-        self._outputs.append(tokens)
-        if len(self._outputs) % 32 == 1:
-            ordered = sorted(self._outputs)
-            self._output_p90 = ordered[int(0.9 * (len(ordered) - 1))]
+        self.outputs.observe(tokens)
 
     def output_estimate(self, max_tokens: int | None, default: int) -> int:
-        """Tokens to reserve for a reply: the 90th percentile of replies so far, capped by
-        ``max_tokens``; before any reply, ``max_tokens`` or ``default``. Settling corrects it."""
-        if self._output_p90 is not None:
-            return min(self._output_p90, max_tokens) if max_tokens else self._output_p90
-        return max_tokens or default
+        return self.outputs.estimate(max_tokens, default)
 
     @property
     def admitted_rpm(self) -> float:

@@ -20,7 +20,7 @@ from batchgen.client import CallOutcome
 from batchgen.errors import ExitCode, FatalAPIError, UsageError
 from batchgen.images import IMAGE_NOT_FOUND
 from batchgen.journal import Entry
-from batchgen.ratelimit import Governor
+from batchgen.ratelimit import Pacing
 
 OUTPUT_SCHEMA: dict[str, pl.DataType] = {
     "reply": pl.String(),
@@ -102,7 +102,7 @@ class RunStats:
     cost: Decimal = Decimal(0)  # cost of every row in the output, resumed ones included
     unpriced_rows: int = 0  # rows with usage whose model has no price
     priced: bool = False  # whether a price table was given at all
-    governor: Governor | None = field(default=None, repr=False)  # the admitted rate, live
+    governor: Pacing | None = field(default=None, repr=False)  # the admitted rate, live
 
     @property
     def done(self) -> int:

@@ -277,6 +277,8 @@ def _config(
         rpm=pacing.rpm,
         tpm=pacing.tpm,
         adaptive=not pacing.fixed_rate,
+        rate_store=pacing.rate_store or None,
+        rate_key=pacing.rate_key,
         max_attempts=pacing.max_attempts,
         timeout=pacing.timeout,
     )
