@@ -118,7 +118,7 @@ class RedisStore:
             reply = await self._script(keys=self.keys, args=[*args, self.member])
             return [float(value) for value in reply[:3]] + [int(reply[3])]
         except self._errors as err:
-            detail = str(err).strip() or type(err).__name__
+            detail = str(err).strip().rstrip(".") or type(err).__name__
             raise StoreUnavailable(f"the rate store {self.name} failed: {detail}") from None
 
     async def reserve(self, limits: Limits, tokens: int) -> Reservation:
