@@ -227,6 +227,38 @@ def _pacing_options(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+def _engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Where the rows are answered: this process, or Ray actors (part of ``options.PacingOptions``)."""
+    return _stack(
+        click.option(
+            "--engine",
+            type=click.Choice(["local", "ray"]),
+            default="local",
+            show_default=True,
+            help="Answer in this process, or on Ray actors (pip install 'batchgen[ray]').",
+        ),
+        click.option(
+            "--journal-dir",
+            metavar="DIR",
+            help="With --engine ray: the actors' journals, on storage every node reaches.  "
+            "[default: OUTPUT.ray-journals beside the output]",
+        ),
+        click.option(
+            "--ray-address",
+            metavar="ADDRESS",
+            help="With --engine ray: the cluster to join (auto, or ray://HOST:10001).  "
+            "[default: start Ray on this machine]",
+        ),
+        click.option(
+            "--ray-actors",
+            type=click.IntRange(min=1),
+            default=2,
+            show_default=True,
+            help="With --engine ray: actors, each keeping --concurrency requests in flight.",
+        ),
+    )(command)
+
+
 def _policy_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """What the run may do (resume, spend, stop): ``options.PolicyOptions``."""
     return _stack(
@@ -310,6 +342,7 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
         _server_options,
         _generation_options,
         _pacing_options,
+        _engine_options,
         _policy_options,
         _batch_options,
     )(command)

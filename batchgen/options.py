@@ -107,6 +107,10 @@ class PacingOptions:
     fixed_rate: bool = False
     rate_store: str | None = None
     rate_key: str | None = None
+    engine: str = "local"
+    journal_dir: str | None = None
+    ray_address: str | None = None
+    ray_actors: int = 2
     max_attempts: int = 8
     timeout: float = 300.0
 

@@ -22,6 +22,7 @@ from batchgen.planning import Batch, PlannedRow
 from batchgen.pool import Pool, PoolOptions, RunControl
 from batchgen.pricing import PriceTable
 from batchgen.prompts import PromptSpec
+from batchgen.ratelimit import Pacing
 from batchgen.results import OUTPUT_COLUMNS, RowResult, RunResult, RunStats, check_collisions, results_frame
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ async def arun_batches(
     clock: Callable[[], float] = time.monotonic,
     transport: httpx.AsyncBaseTransport | None = None,
     hold: Callable[[list[PlannedRow]], list[tuple[RowResult, bool] | None]] | None = None,
+    governor: Pacing | None = None,
 ) -> RunResult:
     """Answer ``total`` rows arriving in ``batches``, handing each batch, answered, to ``write``.
 
@@ -61,12 +63,13 @@ async def arun_batches(
     overspent. ``sleep`` and ``clock`` are the pacing's and the retries' time (tests pass a
     fake one); ``transport`` replaces the default aiohttp-backed httpx transport. ``hold``
     (batch mode) gives, per batch of planned rows, the result of each row that must not be
-    sent (pending in a batch, collected from one), None for the rest.
+    sent (pending in a batch, collected from one), None for the rest. ``governor`` paces the run
+    instead of its own (one shared by several runs: ``batchgen.sharedrate.SharedGovernor``).
     """
     options = PoolOptions(
         write=write, id_column=id_column, endpoint=endpoint, journal=journal, retry_errors=retry_errors,
         control=control, prices=prices, budget=budget, progress=progress, sleep=sleep, clock=clock,
-        transport=transport, hold=hold,
+        transport=transport, hold=hold, governor=governor,
     )  # fmt: skip
     return await Pool(total, config, spec, options).run(batches)
 

@@ -128,6 +128,8 @@ class _LockedRun:
 
     def _answer_and_write(self, writer: TableWriter) -> tuple[RunResult, Path, tuple[Path, str] | None]:
         with server_for_run(self.prepared) as config:
+            if self.options.pacing.engine == "ray":
+                self._on_ray(config)
             self._say_resume(config)
             result = asyncio.run(self._with_signals(config, writer))
         self.summary.result = result
@@ -148,6 +150,21 @@ class _LockedRun:
             if target == self.output and not self.options.policy.fresh:  # --fresh: the journal forgot them
                 remove_superseded(self.output, self.metadata)
         return result, target, replaced
+
+    def _on_ray(self, config: RunConfig) -> None:
+        """--engine ray: the rows still to answer go to Ray actors first (``commands.rayrun``)."""
+        from batchgen.commands.rayrun import run_on_ray
+
+        if self.options.batch.batch:
+            raise UsageError("--engine ray and --batch do not go together: the Batch API runs the batch")
+        pacing, journal_dir = self.options.pacing, self.options.pacing.journal_dir
+        run_on_ray(
+            self.prepared.source, config, self.prepared.spec, self.journal, output=self.output,
+            journal_dir=Path(journal_dir) if journal_dir else None, address=pacing.ray_address,
+            actors=pacing.ray_actors, id_column=self.options.input.id_column,
+            endpoint=self.metadata["endpoint"], retry_errors=self.options.policy.retry_errors,
+            messages_column=self.options.input.messages_column,
+        )  # fmt: skip
 
     def _say_resume(self, config: RunConfig) -> None:
         if self.options.batch.batch:  # batch mode says what it does
