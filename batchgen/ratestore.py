@@ -29,7 +29,8 @@ from urllib.parse import urlsplit
 from batchgen.errors import UsageError
 from batchgen.ratelimit import BURST, DECREASE, MIN_RPS, PROBE, QUIET, RAMP_SECONDS, START_FRACTION, TOKENS
 
-IDLE_SECONDS = 600.0  # a budget nobody touched for this long is forgotten: the next run ramps up again
+IDLE_SECONDS = 10.0  # a budget nobody took a slot from for this long starts over: the next run ramps up
+EXPIRE_SECONDS = 60.0  # and Redis drops its keys this long after the last call
 PEER_SECONDS = 30.0  # a process counts as sharing the budget this long after its last slot
 
 
@@ -59,7 +60,10 @@ class Reservation:
 class RateStore(Protocol):
     """Where a shared budget lives. Every method may raise :class:`StoreUnavailable`."""
 
-    async def reserve(self, limits: Limits, tokens: int) -> Reservation: ...
+    async def reserve(self, limits: Limits, tokens: int, giveback: int = 0) -> Reservation:
+        """The next slot for a request of ``tokens``, after returning ``giveback`` tokens of a
+        slot the caller could not use (in the same step, so the refund counts for this slot)."""
+        ...
 
     async def settle(self, limits: Limits, delta_tokens: int) -> None: ...
 
@@ -112,8 +116,12 @@ class Schedule:
         self.last = now
         return requests, tokens
 
-    def reserve(self, now: float, limits: Limits, tokens: int, member: str = "") -> Reservation:
+    def reserve(
+        self, now: float, limits: Limits, tokens: int, member: str = "", giveback: int = 0
+    ) -> Reservation:
         requests, lane = self._load(now, limits)
+        if limits.tps and giveback > 0:
+            lane.next -= giveback / (limits.tps * lane.share)
         slot = max(now, requests.next, lane.next)
         requests.next = slot + 1.0 / (limits.rps * requests.share)
         if limits.tps and tokens > 0:
@@ -156,8 +164,8 @@ class MemoryStore:
         self.schedule = Schedule()
         self._now = clock
 
-    async def reserve(self, limits: Limits, tokens: int) -> Reservation:
-        return self.schedule.reserve(self._now(), limits, tokens, "memory")
+    async def reserve(self, limits: Limits, tokens: int, giveback: int = 0) -> Reservation:
+        return self.schedule.reserve(self._now(), limits, tokens, "memory", giveback)
 
     async def settle(self, limits: Limits, delta_tokens: int) -> None:
         self.schedule.settle(self._now(), limits, delta_tokens)
@@ -171,23 +179,42 @@ class MemoryStore:
 
 def check_store_url(url: str) -> str:
     """``url`` if it names a Redis server batchgen can use, else a one-line UsageError."""
-    parts = urlsplit(url)
+    problem = f"--rate-store {redacted(url)!r} is not a Redis URL: give redis://HOST:PORT/DB, e.g. redis://127.0.0.1:6379/0"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises on a port that is not a number
+    except ValueError:
+        raise UsageError(problem) from None
     if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
-        raise UsageError(
-            f"--rate-store {redacted(url)!r} is not a Redis URL: give redis://HOST:PORT/DB, "
-            "e.g. redis://127.0.0.1:6379/0"
-        )
+        raise UsageError(problem)
+    try:
+        from redis.connection import parse_url
+    except ImportError:
+        return url  # opening the store says how to install redis-py
+    try:
+        parse_url(url)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{problem} ({str(exc).replace(url, redacted(url))})") from None
     return url
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=netloc).geturl()
+    """The URL without its password (in the user part or the query), for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        password, port = parts.password, parts.port
+    except ValueError:
+        return "redis://***"  # unparseable: show nothing that might be a secret
+    query = "&".join(
+        f"{pair.split('=', 1)[0]}=***" if pair.lower().startswith("password=") else pair
+        for pair in parts.query.split("&")
+    ) if parts.query else ""  # fmt: skip
+    if password is not None:
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{port}" if port else "")
+        parts = parts._replace(netloc=netloc)
+    return parts._replace(query=query).geturl()
 
 
 def default_rate_key(base_url: str, workspace: str | None, api_key: str, model: str) -> str:

@@ -5,14 +5,15 @@ the pool cannot tell them apart. Requests of this process queue on a lock and on
 holds a slot from the store, so the store never holds more than one waiting reservation per
 process and a cut on a 429 applies to the very next slot of every process.
 
-A head that wakes later than ``LATE`` (or one slot's spacing, if shorter) after its slot (a
-busy event loop, a paused VM) gives the slot back and takes a new one, rather than sending on
-top of other processes' slots: so any second holds at most the rate plus one request.
+A head that wakes later than ``LATE`` after its slot (a paused VM, a stopped process) gives the
+slot back (its tokens with its next reservation, in one step) and takes a new one, rather than
+sending on top of the slots other processes took meanwhile. An ordinary late wake-up (a busy
+event loop) sends at once: each process holds one slot at a time, so it delays one request.
 
 When the store fails (Redis down, a network partition), the run warns once and goes on with
 a local Governor at its share of the budget (the target divided by the processes last seen
-sharing it), asking the store again every ``RETRY_SECONDS``; no request waits on a dead store
-longer than its timeout, and no row is lost.
+sharing it; a third when it never reached the store), while a probe beside the requests asks
+the store again every ``RETRY_SECONDS``; no request waits on a failed store, no row is lost.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from batchgen.ratestore import Limits, RateStore, StoreUnavailable
 
 log = logging.getLogger("batchgen")
 
-LATE = 0.02  # seconds past its slot after which a request takes a new one instead
+LATE = 1.0  # seconds past its slot after which a request takes a new one instead (a paused VM)
 RETRY_SECONDS = 5.0  # while on local pacing, ask the store again this often
 
 
@@ -58,34 +59,37 @@ class SharedGovernor:
         self.peers = 1
         self.late = 0  # slots given back because this process woke too late for them
         self.local: Governor | None = None  # while the store is unreachable
+        self._reached = False  # whether the store ever answered (else the number of peers is unknown)
         self._retry_at = 0.0
+        self._probing = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- admission -------------------------------------------------------------------------
     async def acquire(self, tokens: int = 0) -> None:
         async with self._lock:
-            if self.local is not None and self._clock() < self._retry_at:
+            if self.local is not None:  # never wait on a store that failed: a probe asks it aside
+                self._probe()
                 await self.local.acquire(tokens)
                 return
+            giveback = 0
             while True:
                 try:
-                    reservation = await self.store.reserve(self.limits, tokens)
+                    reservation = await self.store.reserve(self.limits, tokens, giveback)
                 except StoreUnavailable as err:
                     self._fall_back(err)
                     assert self.local is not None
                     await self.local.acquire(tokens)
                     return
-                self._back()
+                self._reached = True
                 self._rates, self.peers = (reservation.rps, reservation.tps), reservation.peers
                 if reservation.wait <= 0:
                     return
                 due = self._clock() + reservation.wait
                 await self._sleep(reservation.wait)
-                if self._clock() - due <= min(LATE, 1.0 / reservation.rps):
+                if self._clock() - due <= LATE:
                     return
-                self.late += 1  # the slot has passed: give its tokens back and take the next one
-                if tokens:
-                    self._send(self.store.settle(self.limits, -tokens))
+                self.late += 1  # the slot is long gone: give its tokens back with the next reservation
+                giveback = tokens
 
     def settle(self, estimated: int, actual: int) -> None:
         if self.limits.tps is None or estimated == actual:
@@ -128,7 +132,7 @@ class SharedGovernor:
         self._retry_at = self._clock() + RETRY_SECONDS
         if self.local is not None:
             return
-        share = max(1, self.peers)
+        share = max(1, self.peers) if self._reached else round(1 / START_FRACTION)
         log.warning(
             "%s; pacing locally at 1/%d of the budget (%.0f rpm) until it answers again", err, share,
             self.rpm / share,
@@ -139,10 +143,25 @@ class SharedGovernor:
         )  # fmt: skip
         self.local.outputs = self.outputs
 
-    def _back(self) -> None:
-        if self.local is not None:
-            log.warning("the rate store %s answers again: sharing its budget", self.store.name)
-            self.local = None
+    def _probe(self) -> None:
+        """Ask the failed store again, beside the requests, once ``RETRY_SECONDS`` have passed."""
+        if self._probing or self._clock() < self._retry_at:
+            return
+        self._probing = True
+
+        async def probe() -> None:
+            try:
+                reservation = await self.store.reserve(self.limits, 0)
+            except StoreUnavailable:
+                self._retry_at = self._clock() + RETRY_SECONDS
+            else:
+                self._reached, self.peers = True, reservation.peers
+                log.warning("the rate store %s answers again: sharing its budget", self.store.name)
+                self.local = None
+            finally:
+                self._probing = False
+
+        self._send(probe())
 
     def _send(self, call: Coroutine[Any, Any, None]) -> None:
         """Run a store update beside the request; a failure only switches to local pacing."""

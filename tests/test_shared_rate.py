@@ -127,19 +127,63 @@ def test_a_late_head_gives_its_slot_back_instead_of_sending_on_top_of_others():
     async def go() -> None:
         clock = Clock()
         store = MemoryStore(clock)
-        governor = SharedGovernor(store, 600, adaptive=False, clock=clock, sleep=clock.sleep)
-        await governor.acquire()
+        governor = SharedGovernor(store, 60_000, tpm=6_000, adaptive=False, clock=clock, sleep=clock.sleep)
+        await governor.acquire(500)  # 5 s of tokens
 
         async def oversleep(seconds: float) -> None:
-            clock.now += seconds + (0.5 if governor.late == 0 else 0)  # the first wake is 0.5 s late
+            clock.now += seconds + (2.0 if governor.late == 0 else 0)  # the first wake is 2 s late
 
-        governor._sleep = oversleep
-        await governor.acquire()
+        governor._sleep = oversleep  # type: ignore[method-assign]
+        started = clock.now
+        await governor.acquire(500)
         assert governor.late == 1
-        assert store.schedule.requests is not None
-        assert store.schedule.requests.next > clock.now  # it took a fresh slot, never a past one
+        # The abandoned slot's 500 tokens came back in the same step as the new reservation:
+        # the request goes at once, and the next one 5 s after it, not 10 s.
+        assert clock.now - started == pytest.approx(7.0)
+        governor._sleep = clock.sleep  # type: ignore[method-assign]
+        before = clock.now
+        await governor.acquire(500)
+        assert clock.now - before == pytest.approx(5.0)
 
     asyncio.run(go())
+
+
+def test_an_ordinary_late_wake_sends_at_once_and_keeps_the_rate():
+    async def go() -> None:
+        clock = Clock()
+        store = MemoryStore(clock)
+        governors = [SharedGovernor(store, 6000, adaptive=False, clock=clock) for _ in range(3)]
+
+        async def lagging(seconds: float) -> None:  # every timer fires 12 ms late
+            clock.now += seconds + 0.012
+            await asyncio.sleep(0)
+
+        times: list[float] = []
+
+        async def worker(governor: SharedGovernor) -> None:
+            governor._sleep = lagging  # type: ignore[method-assign]
+            for _ in range(100):
+                await governor.acquire()
+                times.append(clock.now)
+
+        await asyncio.gather(*(worker(g) for g in governors))
+        assert sum(g.late for g in governors) == 0
+        times.sort()
+        assert 300 / (times[-1] - times[0]) > 0.85 * 100  # the in-process governor's share under lag
+
+    asyncio.run(go())
+
+
+def test_the_schedule_counts_its_peers_and_starts_over_after_an_idle_gap():
+    schedule, limits = Schedule(), Limits(10.0, None, True)
+    assert schedule.reserve(0.0, limits, 0, "a").peers == 1
+    assert schedule.reserve(1.0, limits, 0, "b").peers == 2
+    assert schedule.reserve(40.0, limits, 0, "c").peers == 1  # a and b gone quiet past PEER_SECONDS
+    for t in range(41, 46):
+        schedule.reserve(float(t), limits, 0, "c")
+    assert schedule.requests is not None and schedule.requests.share == pytest.approx(1.0)
+    again = schedule.reserve(60.0, limits, 0, "d")  # nobody for more than IDLE_SECONDS: ramp again
+    assert again.rps == pytest.approx(10.0 / 3)
 
 
 def test_the_lua_script_is_the_python_schedule_on_the_server_clock(redis):
@@ -148,20 +192,25 @@ def test_the_lua_script_is_the_python_schedule_on_the_server_clock(redis):
         client = store._client
         twin = Schedule()
         limits = Limits(5.0, 50.0, True)
-        steps = [("reserve", 30), ("reserve", 30), ("settle", -20), ("throttled", REQUESTS)]
+        steps = [("reserve", 30), ("reserve", 30), ("settle", -20), ("throttled", REQUESTS), ("giveback", 30)]
         steps += [("reserve", 400), ("throttled", TOKENS), ("throttled", BURST)]
         steps += [("reserve", 10), ("settle", 7)]
         for op, amount in steps:
-            if op == "reserve":
-                got = await store.reserve(limits, int(amount))
+            if op in ("reserve", "giveback"):
+                got = await store.reserve(
+                    limits,
+                    0 if op == "giveback" else int(amount),
+                    giveback=int(amount) if op == "giveback" else 0,
+                )
             elif op == "settle":
                 await store.settle(limits, int(amount))
             else:
                 await store.throttled(limits, str(amount))
             state = {k.decode(): float(v) for k, v in (await client.hgetall(store.keys[0])).items()}
             now = state["last"]
-            if op == "reserve":
-                want = twin.reserve(now, limits, int(amount), store.member)
+            if op in ("reserve", "giveback"):
+                tokens, back = (0, int(amount)) if op == "giveback" else (int(amount), 0)
+                want = twin.reserve(now, limits, tokens, store.member, back)
                 assert got.wait == pytest.approx(want.wait, abs=1e-6)
                 assert (got.rps, got.tps, got.peers) == pytest.approx((want.rps, want.tps, 1))
             elif op == "settle":
@@ -174,7 +223,7 @@ def test_the_lua_script_is_the_python_schedule_on_the_server_clock(redis):
             assert state["ts"] == pytest.approx(twin.tokens.share)
             assert state["tn"] == pytest.approx(twin.tokens.next, abs=1e-6)
             assert state["rc"] == pytest.approx(twin.requests.climb)
-        assert 0 < await client.pttl(store.keys[0]) <= 600_000  # forgotten when nobody uses it
+        assert 0 < await client.pttl(store.keys[0]) <= 60_000  # forgotten when nobody uses it
         await store.aclose()
 
     asyncio.run(go())
@@ -225,11 +274,18 @@ def test_an_unreachable_store_at_the_start_falls_back_and_hides_the_password(cap
         result = asyncio.run(arun(frame, RunConfig(api_key=KEY, base_url=sim.base_url, rate_store=url)))
     assert result.frame["status"].to_list() == ["ok"] * 3
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "pacing locally" in text and "hunter2" not in text and ":***@127.0.0.1" in text
+    assert "pacing locally at 1/3 of the budget (200 rpm)" in text  # how many share it is unknown
+    assert "hunter2" not in text and ":***@127.0.0.1" in text
 
 
 def test_store_urls_keys_and_messages(tmp_path):
     assert redacted("redis://user:pw@host:6380/1") == "redis://user:***@host:6380/1"
+    assert redacted("redis://h:6379/0?password=pw&db=1") == "redis://h:6379/0?password=***&db=1"
+    assert redacted("redis://:pw@[::1]:6379/0") == "redis://:***@[::1]:6379/0"
+    for bad in ("redis://:s3cret@127.0.0.1:badport/0", "redis://127.0.0.1:6379/0?socket_timeout=abc"):
+        with pytest.raises(UsageError, match="is not a Redis URL") as caught:
+            RunConfig(api_key=KEY, rate_store=bad)
+        assert "s3cret" not in str(caught.value)
     intl, cn = "https://dashscope-intl.aliyuncs.com/api/v1", "https://dashscope.aliyuncs.com/api/v1"
     key = default_rate_key(intl, None, "sk-secret-key", "qwen-plus")
     assert "sk-secret" not in key and key.endswith(":qwen-plus")
@@ -268,7 +324,7 @@ def test_a_job_file_shares_the_budget_too(redis, tmp_path):
     assert result.exit_code == 0, result.output
     assert "pacing locally" not in result.output
     ttl = asyncio.run(_ttl(redis.url, "batchgen:rate:{from-a-job}"))
-    assert 0 < ttl <= 600_000  # the run took its slots from Redis, under the job's name
+    assert 0 < ttl <= 60_000  # the run took its slots from Redis, under the job's name
 
 
 async def _ttl(url: str, key: str) -> int:

@@ -24,8 +24,8 @@ class _Budget:
     def __init__(self) -> None:
         self.schedule = Schedule()
 
-    def reserve(self, limits: Limits, tokens: int, member: str) -> Reservation:
-        return self.schedule.reserve(time.time(), limits, tokens, member)
+    def reserve(self, limits: Limits, tokens: int, member: str, giveback: int = 0) -> Reservation:
+        return self.schedule.reserve(time.time(), limits, tokens, member, giveback)
 
     def settle(self, limits: Limits, delta_tokens: int) -> None:
         self.schedule.settle(time.time(), limits, delta_tokens)
@@ -53,8 +53,8 @@ class ActorStore:
         self.handle = handle
         self.member = member
 
-    async def reserve(self, limits: Limits, tokens: int) -> Reservation:
-        return await self._call(self.handle.reserve.remote(limits, tokens, self.member))
+    async def reserve(self, limits: Limits, tokens: int, giveback: int = 0) -> Reservation:
+        return await self._call(self.handle.reserve.remote(limits, tokens, self.member, giveback))
 
     async def settle(self, limits: Limits, delta_tokens: int) -> None:
         await self._call(self.handle.settle.remote(limits, delta_tokens))
