@@ -255,15 +255,7 @@ class Journal:
     def lookup(self, keys: list[str]) -> dict[str, Answers]:
         """The journalled answers of ``keys`` (a batch's worth: the journal is not loaded whole)."""
         assert self._db is not None
-        found: dict[str, Answers] = {}
-        for start in range(0, len(keys), 900):  # SQLite's bound-parameter limit is 999
-            chunk = keys[start : start + 900]
-            marks = ",".join("?" * len(chunk))
-            for key, h, status, final, result in self._db.execute(
-                f"SELECT key, request_hash, status, final, result FROM rows WHERE key IN ({marks})", chunk
-            ):
-                found.setdefault(key, {})[h] = Entry(h, status, bool(final), json.loads(result))
-        return found
+        return lookup_in(self._db, keys)
 
     def record(self, key: str, digest: str, final: bool, result: Any) -> None:
         """Commit one finished row (``result`` is a RowResult); returns once it is in the WAL."""
@@ -274,3 +266,21 @@ class Journal:
             "INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?, ?)",
             (key, digest, result.status, int(final), json.dumps(columns, ensure_ascii=False)),
         )
+
+
+def lookup_in(
+    db: sqlite3.Connection, keys: list[str], into: dict[str, Answers] | None = None
+) -> dict[str, Answers]:
+    """The answers of ``keys`` in the journal ``db``, added to ``into``; an answer ("ok") already
+    there is never replaced by another entry for the same request."""
+    found: dict[str, Answers] = {} if into is None else into
+    for start in range(0, len(keys), 900):  # SQLite's bound-parameter limit is 999
+        chunk = keys[start : start + 900]
+        marks = ",".join("?" * len(chunk))
+        for key, h, status, final, result in db.execute(
+            f"SELECT key, request_hash, status, final, result FROM rows WHERE key IN ({marks})", chunk
+        ):
+            answers = found.setdefault(key, {})
+            if h not in answers or answers[h].status != "ok":
+                answers[h] = Entry(h, status, bool(final), json.loads(result))
+    return found

@@ -157,3 +157,42 @@ def test_without_ray_installed_the_message_says_how_to_get_it(tmp_path, monkeypa
     result = invoke(["run", str(source), "-o", str(tmp_path / "out.csv"), "--simulate", "--engine", "ray"])
     assert result.exit_code == 2, result.output
     assert "--engine ray needs Ray: pip install 'batchgen[ray]'" in result.output
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[object]:
+    """One local Ray for this module's in-process tests: loopback, two CPUs, no dashboard."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
+def test_the_library_maps_a_dataset_and_never_pays_a_journalled_row_twice(local_ray, tmp_path):
+    import batchgen.ray
+    from batchgen.config import RunConfig
+
+    rows = 600
+    ids, prompts = [f"k{i}" for i in range(rows)], [f"question {i}" for i in range(rows)]
+    frame = pl.DataFrame({"id": ids, "prompt": prompts})
+    blocks = [frame.slice(i, 150).to_arrow() for i in range(0, rows, 150)]
+    with SimulatorThread(SimulatorConfig(key=KEY, latency=0.01, fault_500=0.05)) as sim:
+        config = RunConfig(api_key=KEY, base_url=sim.base_url, rpm=60_000, concurrency=16)
+
+        def answer() -> pl.DataFrame:
+            ds = local_ray.data.from_arrow(blocks)
+            answered = batchgen.ray.answer_dataset(ds, config, key_column="id", journal_dir=tmp_path / "j")
+
+            parts = [pl.from_arrow(local_ray.get(ref)) for ref in answered.to_arrow_refs()]
+            return pl.concat(parts).sort("id")  # Ray's order is its own
+
+        first = answer()
+        paid = len(sim.stats.served)
+        second = answer()  # new actors, new journals: the old ones still answer every row
+        assert len(sim.stats.served) == paid == rows
+    assert set(first["status"]) == {"ok"} and first.height == rows
+    assert second.select("id", "reply").equals(first.select("id", "reply"))
+    assert len(list((tmp_path / "j").glob("actor-*.sqlite"))) >= 2

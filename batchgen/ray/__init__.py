@@ -20,8 +20,10 @@ rows before building the dataset and writes the output itself, in input order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ import ray
 import ray.data
 
 from batchgen.config import RunConfig
-from batchgen.journal import Journal
+from batchgen.journal import Answers, Journal, lookup_in
 from batchgen.prompts import PromptSpec
 from batchgen.ratelimit import Pacing
 from batchgen.ray.budget import ActorStore, budget_actor
@@ -44,6 +46,25 @@ __all__ = ["answer_dataset"]
 BATCH_ROWS = 512  # rows per actor call: enough to keep -c requests in flight through one batch
 
 
+class _ActorJournal(Journal):
+    """An actor's own journal, which also answers from the journals earlier actors left beside it."""
+
+    def __init__(self, path: Path, directory: Path) -> None:
+        super().__init__(path)
+        self._earlier: list[sqlite3.Connection] = []
+        for other in sorted(directory.glob("actor-*.sqlite")):
+            with contextlib.suppress(sqlite3.Error):  # an actor that died before its schema
+                db = sqlite3.connect(f"file:{other}?mode=ro", uri=True, check_same_thread=False)
+                db.execute("SELECT key FROM rows LIMIT 1")
+                self._earlier.append(db)
+
+    def lookup(self, keys: list[str]) -> dict[str, Answers]:
+        found = super().lookup(keys)
+        for db in self._earlier:
+            lookup_in(db, keys, found)
+        return found
+
+
 class _Answerer:
     """One Ray actor: a journal of its own and the job's budget; answers one batch per call."""
 
@@ -54,8 +75,9 @@ class _Answerer:
         self.config, self.spec, self.key_column = config, spec, key_column
         self.endpoint, self.retry_errors, self.budget = endpoint, retry_errors, budget
         self.member = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        Path(journal_dir).mkdir(parents=True, exist_ok=True)
-        self.journal = Journal(Path(journal_dir) / f"actor-{uuid.uuid4().hex}.sqlite")
+        directory = Path(journal_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.journal = _ActorJournal(directory / f"actor-{uuid.uuid4().hex}.sqlite", directory)
         self.journal.open()
 
     def __call__(self, batch: Any) -> Any:
