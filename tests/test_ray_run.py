@@ -139,6 +139,8 @@ def test_a_driver_killed_mid_run_and_restarted_resends_at_most_what_was_in_fligh
         (["--batch"], "--engine ray and --batch do not go together"),
         (["--messages-column", "prompt"], "--engine ray does not take --messages-column yet"),
         (["--engine", "spark"], "Invalid value for '--engine'"),
+        (["--engine", "local", "--journal-dir", "j"], "--journal-dir is for Ray: add --engine ray"),
+        (["--engine", "local", "--ray-actors", "4"], "--ray-actors is for Ray: add --engine ray"),
     ],
 )
 def test_refusals_are_one_line(tmp_path, extra, message):

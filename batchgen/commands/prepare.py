@@ -71,6 +71,7 @@ class Prepared:
 def prepare(options: RunOptions) -> Prepared:
     """Read and check everything a run needs; a ``UsageError`` names the first problem."""
     options = _batch_mode(options)
+    _check_engine(options)
     inputs, server = options.input, options.server
     output_format = format_of(options.output.output_path, role="output")
     if inputs.input_path.resolve() == options.output.output_path.resolve():
@@ -101,6 +102,22 @@ def prepare(options: RunOptions) -> Prepared:
 
 
 _WINDOW = re.compile(r"([1-9][0-9]*)([hd])")
+
+
+def _check_engine(options: RunOptions) -> None:
+    """--engine ray's options need it, and it takes neither --batch nor --messages-column yet."""
+    pacing = options.pacing
+    if pacing.engine != "ray":
+        given: dict[str, object] = {"--journal-dir": pacing.journal_dir, "--ray-address": pacing.ray_address}
+        given["--ray-actors"] = pacing.ray_actors if pacing.ray_actors != 2 else None
+        for flag, value in given.items():
+            if value is not None:
+                raise UsageError(f"{flag} is for Ray: add --engine ray (or drop {flag})")
+        return
+    if options.batch.batch:
+        raise UsageError("--engine ray and --batch do not go together: the Batch API runs the batch")
+    if options.input.messages_column:
+        raise UsageError("--engine ray does not take --messages-column yet: build the prompt with --template")
 
 
 def _batch_mode(options: RunOptions) -> RunOptions:

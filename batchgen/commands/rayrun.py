@@ -101,11 +101,10 @@ def rows_to_send(
 def run_on_ray(
     source: Source, config: RunConfig, spec: PromptSpec, journal: Journal, *, output: Path,
     journal_dir: Path | None, address: str | None, actors: int, id_column: str | None, endpoint: str,
-    retry_errors: bool, messages_column: str | None,
+    retry_errors: bool,
 ) -> None:  # fmt: skip
-    """Steps 1 to 3 of the module docstring; the run's own pass does the rest."""
-    if messages_column:
-        raise UsageError("--engine ray does not take --messages-column yet: build the prompt with --template")
+    """Steps 1 to 3 of the module docstring (``prepare`` checked the options); the run's own
+    pass does the rest."""
     ray = _import_ray()
     directory = journal_dir or default_journal_dir(output)
     directory.mkdir(parents=True, exist_ok=True)

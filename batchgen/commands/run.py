@@ -155,15 +155,12 @@ class _LockedRun:
         """--engine ray: the rows still to answer go to Ray actors first (``commands.rayrun``)."""
         from batchgen.commands.rayrun import run_on_ray
 
-        if self.options.batch.batch:
-            raise UsageError("--engine ray and --batch do not go together: the Batch API runs the batch")
         pacing, journal_dir = self.options.pacing, self.options.pacing.journal_dir
         run_on_ray(
             self.prepared.source, config, self.prepared.spec, self.journal, output=self.output,
             journal_dir=Path(journal_dir) if journal_dir else None, address=pacing.ray_address,
             actors=pacing.ray_actors, id_column=self.options.input.id_column,
             endpoint=self.metadata["endpoint"], retry_errors=self.options.policy.retry_errors,
-            messages_column=self.options.input.messages_column,
         )  # fmt: skip
 
     def _say_resume(self, config: RunConfig) -> None:
