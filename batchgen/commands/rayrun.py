@@ -40,7 +40,6 @@ from batchgen.tables import Source
 log = logging.getLogger("batchgen")
 
 KEY_COLUMN = "__batchgen_key"
-BLOCK_ROWS = 512  # rows per dataset block: several blocks, so every actor gets work
 _MERGE = """
 INSERT INTO rows SELECT key, request_hash, status, final, result FROM actor.rows WHERE true
 ON CONFLICT (key, request_hash) DO UPDATE SET
@@ -53,9 +52,8 @@ def default_journal_dir(output: Path) -> Path:
     return output.with_name(output.name + ".ray-journals")
 
 
-def merge_actor_journals(journal: Journal, directory: Path, *, remove: bool) -> int:
-    """Copy every actor journal's rows into ``journal``; how many files were merged."""
-    merged = 0
+def merge_actor_journals(journal: Journal, directory: Path) -> None:
+    """Move every actor journal's rows into ``journal``, then remove the actor journal."""
     for path in sorted(directory.glob("actor-*.sqlite")):
         db = journal.connection
         try:
@@ -67,16 +65,13 @@ def merge_actor_journals(journal: Journal, directory: Path, *, remove: bool) -> 
                 db.execute("BEGIN")
                 db.execute(_MERGE)
                 db.execute("COMMIT")
-                merged += 1
         finally:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             db.execute("DETACH DATABASE actor")
-        if remove:
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f"{path}{suffix}")
-    return merged
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{path}{suffix}")
 
 
 def rows_to_send(
@@ -108,19 +103,20 @@ def run_on_ray(
     ray = _import_ray()
     directory = journal_dir or default_journal_dir(output)
     directory.mkdir(parents=True, exist_ok=True)
-    merge_actor_journals(journal, directory, remove=True)
+    merge_actor_journals(journal, directory)
     todo = rows_to_send(
         source, config, spec, journal, id_column=id_column, endpoint=endpoint, retry_errors=retry_errors
     )
     if todo.height == 0:
         return
-    from batchgen.ray import answer_dataset
+    from batchgen.ray import BATCH_ROWS, answer_dataset
 
     started_here = not ray.is_initialized()
     if started_here:
         _init(ray, address)
     try:
-        blocks = [todo.slice(i, BLOCK_ROWS).to_arrow() for i in range(0, todo.height, BLOCK_ROWS)]
+        # One block per actor call, so that every actor gets work.
+        blocks = [todo.slice(i, BATCH_ROWS).to_arrow() for i in range(0, todo.height, BATCH_ROWS)]
         log.info("sending %s rows through %d Ray actors", f"{todo.height:,}", actors)
         answered = answer_dataset(
             ray.data.from_arrow(blocks), config, spec, key_column=KEY_COLUMN, journal_dir=directory,
@@ -133,7 +129,7 @@ def run_on_ray(
                 done += table.num_rows
                 ok += table.column("status").to_pylist().count("ok")
         except ray.exceptions.RayError as exc:
-            merge_actor_journals(journal, directory, remove=True)
+            merge_actor_journals(journal, directory)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BatchgenError(
                 f"the Ray job stopped ({type(exc).__name__}: {reason[:200]}); every row it finished is "
@@ -146,7 +142,7 @@ def run_on_ray(
     finally:
         if started_here:
             ray.shutdown()
-    merge_actor_journals(journal, directory, remove=True)
+    merge_actor_journals(journal, directory)
 
 
 def _import_ray():
