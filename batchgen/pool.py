@@ -28,7 +28,7 @@ from batchgen.client import Caller, CallOutcome, make_transport
 from batchgen.config import MAX_CONCURRENCY, RunConfig
 from batchgen.errors import FatalAPIError
 from batchgen.images import BAD_IMAGE, IMAGE_NOT_FOUND, has_local, materialize
-from batchgen.journal import CHANGED, Journal
+from batchgen.journal import CHANGED, GroupCommitError, Journal
 from batchgen.jsonmode import reply_checker
 from batchgen.planning import Batch, PlannedRow, plan_rows
 from batchgen.pricing import PriceTable
@@ -406,12 +406,25 @@ class Pool:
                 sleep=self.options.sleep,
             )  # fmt: skip
             try:
-                await self.drive(batches)
+                await self.drive_journalled(batches)
             finally:
                 if self.owned_store and isinstance(self.governor, SharedGovernor):
                     await self.governor.aclose()
         self.account_for_the_rest()
         return self.outcome_of_run()
+
+    async def drive_journalled(self, batches: Iterable[Batch]) -> None:
+        """``drive``, the journal committing finished rows in groups (``journal.COMMIT_WINDOW``)."""
+        journal = self.options.journal
+        if journal is None:
+            await self.drive(batches)
+            return
+        try:
+            with journal.grouped():
+                await self.drive(batches)
+        except GroupCommitError as exc:  # the last commit failed (disk full): stop as a worker does
+            log.debug("the journal's last commit failed", exc_info=True)
+            self.fatal.append(APIError(None, "batchgen.InternalError", str(exc), None, Disposition.FATAL))
 
     async def drive(self, batches: Iterable[Batch]) -> None:
         """Start the workers, feed them every row, then wait until they are done."""

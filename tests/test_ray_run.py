@@ -129,8 +129,11 @@ def test_a_driver_killed_mid_run_and_restarted_resends_at_most_what_was_in_fligh
     assert again.returncode == 0, err
     out = pl.read_parquet(tmp_path / "out.parquet")
     assert out["id"].to_list() == [f"r{i:03d}" for i in range(1500)] and set(out["status"]) == {"ok"}
-    # Paid again: only the answers served to the killed run that its actors had not yet committed.
-    assert served - 1500 <= concurrency * actors, served
+    # Paid again: only the answers served to the killed run that its actors had not yet committed:
+    # what each had in flight, and what it finished in its journal's last 50 ms commit window (at
+    # concurrency / latency rows a second; the slack is the durable kill -9 test's, for a loaded box).
+    window, slack, latency = 0.05, 0.2, 0.05
+    assert served - 1500 <= actors * (concurrency + concurrency / latency * (window + slack)), served
 
 
 @pytest.mark.parametrize(
