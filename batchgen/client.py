@@ -10,7 +10,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,6 +25,7 @@ from batchgen.api.types import APIError, Disposition, Reply
 from batchgen.config import RunConfig
 from batchgen.ratelimit import Pacing, throttle_kind
 from batchgen.sse import SSEDecoder
+from batchgen.transport import Transport
 
 BACKOFF_INITIAL = 0.5  # seconds; the official SDK's values
 BACKOFF_MAX = 8.0
@@ -33,6 +34,14 @@ BACKOFF_JITTER = 0.25
 
 _INTERRUPT = "batchgen: the run stopped"
 _SSE_STARTS = (b"id:", b"event:", b"data:", b":")
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """What went wrong under an httpx error (httpx-aiohttp maps a refused connection to
+    ConnectTimeout); aiohttp's own errors, from ``Transport.post``, name it themselves."""
+    if isinstance(exc, httpx.HTTPError) and exc.__cause__ is not None:
+        return exc.__cause__
+    return exc
 
 
 class TransientError(Exception):
@@ -92,49 +101,13 @@ class CallOutcome:
     billed: tuple[int, int] = (0, 0)  # (input, output) tokens of attempts cut mid-stream
 
 
-def make_transport(config: RunConfig, *, backend: str = "aiohttp") -> httpx.AsyncBaseTransport:
-    """An httpx transport with ``concurrency`` connections.
-
-    The default backend is aiohttp's connection pool behind httpx's transport API: httpx 0.28's
-    own pool grows superlinearly costly with connections (``bench/bench_throughput.py
-    --backend httpx`` shows about 16 ms of CPU per request at 100 connections).
-    """
-    limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
-    if backend == "httpx":
-        return httpx.AsyncHTTPTransport(limits=limits)
-    import aiohttp
-    from httpx_aiohttp import AiohttpTransport
-
-    def session() -> aiohttp.ClientSession:
-        # SSL_CERT_FILE is honoured through httpx's SSL context. Not trust_env: aiohttp then
-        # looks up proxies and .netrc in a thread for every request (2 executor jobs each).
-        connector = aiohttp.TCPConnector(
-            limit=config.concurrency,
-            keepalive_timeout=limits.keepalive_expiry,
-            ssl=httpx.create_ssl_context(trust_env=True),
-        )
-        return aiohttp.ClientSession(connector=connector)
-
-    return AiohttpTransport(limits=limits, client=session, proxy=_env_proxy(config.base_url))
-
-
-def _env_proxy(url: str) -> httpx.Proxy | None:
-    """HTTPS_PROXY / HTTP_PROXY / NO_PROXY for ``url``, looked up once for the run."""
-    import urllib.request
-
-    parsed = httpx.URL(url)
-    if urllib.request.proxy_bypass(parsed.host):
-        return None
-    proxy = urllib.request.getproxies().get(parsed.scheme)
-    return httpx.Proxy(proxy) if proxy else None
-
-
 class Caller:
     """Sends request bodies with pacing and retries; one per run.
 
     Requests go straight to the transport: a batch needs none of ``httpx.AsyncClient``'s
     cookies, redirects, auth flows or URL merging, which cost more CPU per request than the
-    HTTP exchange itself (``bench/``). The URL and headers are built once.
+    HTTP exchange itself (``bench/``). The URL and headers are built once. On batchgen's own
+    transport they go by ``Transport.post``, without httpx's request and response models.
     """
 
     def __init__(
@@ -162,6 +135,9 @@ class Caller:
         if config.workspace:
             headers["X-DashScope-WorkSpace"] = config.workspace
         self.headers = httpx.Headers(headers)
+        self.direct = transport if isinstance(transport, Transport) else None
+        self.plain_headers = headers
+        self.url_text = str(self.url)
         seconds = config.timeout
         self.extensions = {
             "timeout": {"connect": seconds, "read": seconds, "write": seconds, "pool": seconds}
@@ -201,27 +177,58 @@ class Caller:
     async def _post(
         self, content: bytes, deadline: asyncio.Timeout, streams: list[StreamAssembler]
     ) -> Reply | APIError:
+        direct = self.direct
+        if direct is None:
+            return await self._post_httpx(content, deadline, streams)
+        response = await direct.post(self.url_text, self.plain_headers, content)
+        try:
+            status, headers = response.status, response.headers
+            if headers.get("content-type", "").startswith("text/event-stream"):
+                chunks = response.content.iter_any()
+                return await self._read_stream(chunks, status, headers, deadline, b"", streams)
+            raw = await response.read()
+        finally:
+            response.release()
+            await response.wait_for_close()
+        return await self._interpret(status, headers, raw, deadline, streams)
+
+    async def _post_httpx(
+        self, content: bytes, deadline: asyncio.Timeout, streams: list[StreamAssembler]
+    ) -> Reply | APIError:
+        """``_post`` through any httpx transport, with httpx's models."""
         request = httpx.Request(
             "POST", self.url, headers=self.headers, content=content, extensions=self.extensions
         )
         response = await self.transport.handle_async_request(request)
-        status = response.status_code
+        status, headers = response.status_code, response.headers
+        chunks: AsyncIterator[bytes] = response.stream.__aiter__()  # type: ignore[union-attr]
         try:
-            if response.headers.get("content-type", "").startswith("text/event-stream"):
-                return await self._read_stream(response, status, deadline, b"", streams)
+            if headers.get("content-type", "").startswith("text/event-stream"):
+                return await self._read_stream(chunks, status, headers, deadline, b"", streams)
             # The raw stream: no Accept-Encoding is sent, so the body is not compressed, and
             # httpx's decoder pipeline costs more CPU than the read itself.
-            raw = b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]
+            raw = b"".join([chunk async for chunk in chunks])
         finally:
             await response.aclose()
+        return await self._interpret(status, headers, raw, deadline, streams)
+
+    async def _interpret(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        raw: bytes,
+        deadline: asyncio.Timeout,
+        streams: list[StreamAssembler],
+    ) -> Reply | APIError:
         if self.stream and raw.lstrip().startswith(_SSE_STARTS):  # events under a wrong label
-            return await self._read_stream(None, status, deadline, raw, streams)
-        return self.dialect.interpret(status, response.headers, raw)
+            return await self._read_stream(None, status, headers, deadline, raw, streams)
+        return self.dialect.interpret(status, headers, raw)
 
     async def _read_stream(
         self,
-        response: httpx.Response | None,
+        chunks: AsyncIterator[bytes] | None,
         status: int,
+        headers: Mapping[str, str],
         deadline: asyncio.Timeout,
         raw: bytes,
         streams: list[StreamAssembler],
@@ -232,8 +239,8 @@ class Caller:
         reply that keeps streaming is never cut (and billed again) for being long. Events
         under a non-200 status (an error sent as SSE) default to that status. The assembler
         goes to ``streams`` so that what a broken stream was billed is known whatever ends it.
+        ``chunks`` None: the events are ``raw``, a whole body read under another content type.
         """
-        headers = response.headers if response is not None else httpx.Headers()
         assembler = self.dialect.stream(headers.get("x-request-id"))
         streams.append(assembler)
         decoder = SSEDecoder()
@@ -249,18 +256,18 @@ class Caller:
             return None
 
         try:
-            if response is None:
+            if chunks is None:
                 error = take(decoder.feed(raw))
                 if error is not None:
                     return error
             else:
-                async for chunk in response.stream:  # type: ignore[union-attr]
+                async for chunk in chunks:
                     deadline.reschedule(loop.time() + self.config.timeout)
                     error = take(decoder.feed(chunk))
                     if error is not None:
                         return error
         except Exception as exc:  # the connection broke mid-stream: what came is not enough
-            cause = exc.__cause__ or exc
+            cause = _cause(exc)
             return assembler.cut(f"the stream broke ({type(cause).__name__}: {str(cause) or 'no detail'})")
         error = take(decoder.close())
         if error is not None:
@@ -270,7 +277,10 @@ class Caller:
         return assembler.result()
 
     async def _attempt(self, content: bytes, tries: _Tries) -> tuple[Reply | APIError, float]:
-        await self._hold(self.governor.acquire(tries.tokens))
+        if self._aborted():
+            raise Aborted
+        if not self.governor.admit_now(tries.tokens):
+            await self._hold(self.governor.acquire(tries.tokens))
         tries.attempts += 1
         result, elapsed = await self._exchange(content)
         billed = (0, 0)
@@ -317,7 +327,7 @@ class Caller:
             ), elapsed
         except Exception as exc:  # httpx's errors, and whatever the transport lets through
             elapsed = (time.perf_counter() - started) * 1000
-            cause = exc.__cause__ or exc  # httpx-aiohttp maps a refused connection to ConnectTimeout
+            cause = _cause(exc)
             detail = str(cause) or type(cause).__name__
             return APIError(
                 None, "batchgen.ConnectionError", f"{type(cause).__name__}: {detail}", None, Disposition.RETRY

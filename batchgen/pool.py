@@ -24,7 +24,7 @@ from batchgen.api.faults import fatal_hint
 from batchgen.api.models import thinks
 from batchgen.api.types import APIError, Disposition
 from batchgen.budget import IMAGE_TOKENS_TYPICAL, Budget, count_input_tokens, row_cost
-from batchgen.client import Caller, CallOutcome, make_transport
+from batchgen.client import Caller, CallOutcome
 from batchgen.config import MAX_CONCURRENCY, RunConfig
 from batchgen.errors import FatalAPIError
 from batchgen.images import BAD_IMAGE, IMAGE_NOT_FOUND, has_local, materialize
@@ -50,6 +50,7 @@ from batchgen.results import (
     utc_now,
 )
 from batchgen.sharedrate import SharedGovernor
+from batchgen.transport import make_transport
 
 if TYPE_CHECKING:
     import httpx

@@ -91,6 +91,9 @@ class SharedGovernor:
                 self.late += 1  # the slot is long gone: give its tokens back with the next reservation
                 giveback = tokens
 
+    def admit_now(self, tokens: int = 0) -> bool:
+        return False  # every slot is the store's to give (or the local fallback's, under the lock)
+
     def settle(self, estimated: int, actual: int) -> None:
         if self.limits.tps is None or estimated == actual:
             return

@@ -29,9 +29,9 @@ from collections.abc import Iterator
 
 import polars as pl
 
-from batchgen.client import make_transport
 from batchgen.config import RunConfig
 from batchgen.runner import arun
+from batchgen.transport import make_transport
 
 KEY = "sk-bench"
 

@@ -112,3 +112,44 @@ def test_output_estimate_is_a_high_percentile_capped_by_max_tokens():
 )
 def test_throttle_kinds_are_told_apart(code, message, kind):
     assert throttle_kind(code, message) == kind
+
+
+def test_admit_now_takes_the_slot_acquire_would_give_without_waiting():
+    """The client's fast path: the same schedule as ``acquire``, and nothing taken when not due."""
+
+    def schedule(fast: bool) -> tuple[list[float], list[bool]]:
+        clock = Clock()
+        governor = Governor(600, 6000, clock=clock, sleep=clock.sleep)
+        times, fast_taken = [], []
+
+        async def go() -> None:
+            for i in range(80):
+                clock.now += 0.03 * (i % 5)  # sometimes due, sometimes not
+                taken = fast and governor.admit_now(40)
+                if not taken:
+                    await governor.acquire(40)
+                fast_taken.append(taken)
+                times.append(clock.now)
+                governor.settle(40, 25 + i % 30)
+
+        asyncio.run(go())
+        return times, fast_taken
+
+    slow, _ = schedule(fast=False)
+    fast, taken = schedule(fast=True)
+    assert fast == pytest.approx(slow)
+    assert any(taken) and not all(taken)  # both branches ran
+    assert busiest_second(fast) <= 11
+
+
+def test_admit_now_refuses_while_a_request_queues():
+    clock = Clock()
+    governor = Governor(600, adaptive=False, clock=clock, sleep=clock.sleep)
+
+    async def queued() -> bool:
+        async with governor._lock:  # a request waiting for its slot holds the lock
+            return governor.admit_now()
+
+    assert asyncio.run(queued()) is False
+    assert governor.admit_now() is True  # due and nobody queues
+    assert governor.admit_now() is False  # the next slot is 0.1 s away

@@ -11,10 +11,10 @@ import pytest
 from conftest import KEY, FakeTime, invoke, write_prompts
 
 import batchgen
-from batchgen.client import make_transport
 from batchgen.results import OUTPUT_COLUMNS, OUTPUT_SCHEMA, exit_code
 from batchgen.runner import arun
 from batchgen.simulator import simulated_reply
+from batchgen.transport import make_transport
 
 PROMPTS = [f"Question {i}: what is {i} squared, and why?" for i in range(60)]
 FAST = ["--rpm", "60000", "-c", "16"]
