@@ -6,6 +6,7 @@ Heavy modules (polars, httpx, aiohttp) are imported inside the commands so that
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 from typing import Any
@@ -434,8 +435,25 @@ def simulate(host: str, port: int, key: str | None, **knobs: Any) -> None:
         ) from None
 
 
+def _collect_less() -> None:
+    """Tune the garbage collector for ``batchgen run``, a process that allocates and frees a few
+    objects per request at thousands of requests a second.
+
+    Start-up's objects (the modules, polars, aiohttp: most of what the process ever holds) are
+    frozen out of the collector's scans, and the youngest generation is collected every 20,000
+    allocations rather than 700: about 5 % less CPU and 0.15 s less wall time at 8,000 requests
+    (``bench/bench_cpu.py``). Only the console script does this, never a library caller's process.
+    """
+    import batchgen.commands.run  # noqa: F401  (its imports are what start-up allocates)
+
+    gc.freeze()
+    gc.set_threshold(20_000, 10, 10)
+
+
 def main() -> None:
     """The console script: click's handling, except that Ctrl-C exits 130 as documented."""
+    if sys.argv[1:2] == ["run"]:
+        _collect_less()
     try:
         code = cli.main(standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):

@@ -33,6 +33,8 @@ BACKOFF_JITTER = 0.25
 
 
 _INTERRUPT = "batchgen: the run stopped"
+# json.dumps with options builds an encoder per call; the body's is built once.
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _SSE_STARTS = (b"id:", b"event:", b"data:", b":")
 
 
@@ -364,7 +366,7 @@ class Caller:
         """
         if self.stream:
             body = self.dialect.streamed_body(body)
-        content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        content = _ENCODE(body).encode()
         refused = too_large(content) if self.config.dashscope else None
         if refused is not None:
             return CallOutcome(None, refused, 0, None, None)

@@ -90,11 +90,12 @@ def lock_path(journal: Path) -> Path:
     return journal.with_name(journal.name + ".lock")
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
+
+
 def request_hash(body: Mapping[str, Any], endpoint: str = "") -> str:
     """A stable digest of what a request asks for, and of whom; any change means a new request."""
-    canonical = json.dumps(
-        {"endpoint": endpoint, "body": body}, sort_keys=True, ensure_ascii=False, separators=(",", ":")
-    )
+    canonical = _CANONICAL({"endpoint": endpoint, "body": body})
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -148,6 +149,8 @@ def _iso(value: Any) -> str:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+# json.dumps with options builds an encoder per call: this one is built once.
+_ROW_ENCODE = json.JSONEncoder(ensure_ascii=False, default=_iso).encode
 _COLUMNS: dict[type, tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]] = {}
 
 
@@ -308,7 +311,7 @@ class Journal:
         if self._failure is not None:
             raise self._failure
         names, values = _columns_of(type(result))
-        columns = json.dumps(dict(zip(names, values(result), strict=True)), ensure_ascii=False, default=_iso)
+        columns = _ROW_ENCODE(dict(zip(names, values(result), strict=True)))
         row = (key, digest, result.status, int(final), columns)
         if not self._window:
             self._db.execute(_INSERT, row)
